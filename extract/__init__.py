@@ -1,0 +1,1 @@
+"""Slides to bags: slide access, tissue segmentation, tiling, backbones, patch reading, bag files."""

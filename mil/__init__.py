@@ -1,0 +1,1 @@
+"""Bags to models: MIL students, MHIM (teacher, masking, consistency, GRN), training, metrics, survival."""

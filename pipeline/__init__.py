@@ -1,0 +1,1 @@
+"""The top floor: CLI, manifest, workspace, resumable per-slide runner, stage commands."""

@@ -1,0 +1,166 @@
+"""``wsi-pipeline``: the command line. Heavy imports are deferred so ``--help`` is instant.
+
+Every stage reads the same YAML config (top-level ``manifest``, ``workspace`` and one section per
+stage); a flag given on the command line overrides the config, an unset flag changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("pipeline")
+
+
+def _common(p: argparse.ArgumentParser, manifest: bool = True) -> None:
+    g = p.add_argument_group("common")
+    if manifest:
+        g.add_argument("--manifest", type=Path, help="slide manifest CSV (see data_manifests/README.md)")
+    g.add_argument("--workspace", type=Path, help="workspace folder holding every stage's outputs")
+    g.add_argument("--config", type=Path, help="YAML config; flags override its values")
+    g.add_argument("--shard", metavar="I/N", help="process only rows I, I+N, ... (0-based) of the manifest")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="redo outputs that were made with other parameters")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings and the summary only; no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsi-pipeline",
+        description="Whole-slide images to evaluated MHIM-MIL models: segment -> extract -> train -> evaluate.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("segment", help="tissue segmentation and tiling into patch coordinates",
+                       description="CLAM-style tissue segmentation and magnification-aware tiling.")
+    _common(p)
+    g = p.add_argument_group("segmentation (defaults from --preset)")
+    g.add_argument("--preset", help="default | tcga | bwh_biopsy | bwh_resection (configs/segment/)")
+    g.add_argument("--sthresh", type=int, help="saturation threshold (0-255)")
+    g.add_argument("--mthresh", type=int, help="median blur kernel (odd)")
+    g.add_argument("--close", type=int, help="morphological closing kernel (0 = off)")
+    g.add_argument("--use-otsu", action="store_true", default=None, help="Otsu threshold instead of --sthresh")
+    g.add_argument("--a-t", type=float, help="minimum tissue area, in 512x512 level-0 patches")
+    g.add_argument("--a-h", type=float, help="minimum hole area, in 512x512 level-0 patches")
+    g.add_argument("--max-n-holes", type=int, help="largest holes kept per contour")
+    g.add_argument("--seg-downsample", type=float, help="downsample of the segmentation image (default 64)")
+    g = p.add_argument_group("tiling")
+    g.add_argument("--target-mpp", type=float, help="patch resolution in micrometres per pixel (default 0.5 = 20x)")
+    g.add_argument("--patch-size", dest="patch_px", type=int, help="patch size in pixels at the target resolution (default 256)")
+    g.add_argument("--patch-level", type=int, help="CLAM mode: tile at this pyramid level instead of a target mpp")
+    g.add_argument("--step", dest="step_px", type=int, help="grid step in target pixels (default: patch size)")
+    g.add_argument("--contour-fn", choices=["four_pt", "four_pt_hard", "center", "basic"])
+    g.add_argument("--no-padding", dest="use_padding", action="store_false", default=None,
+                   help="drop patches that run past the slide edge")
+    g.add_argument("--slide-mpp", type=float, help="level-0 mpp for every slide without one (the manifest 'mpp' column wins)")
+    g.add_argument("--tag", help="output tag (default: from the tiling, e.g. mpp0.50_256px)")
+    g.add_argument("--no-previews", dest="previews", action="store_false", default=None)
+
+    p = sub.add_parser("extract", help="patch features per slide into HDF5 bags, one folder per backbone")
+    _common(p)
+    g = p.add_argument_group("extraction")
+    g.add_argument("--backbone", help="backbone name (see --list-backbones); timm:<name> for any timm model")
+    g.add_argument("--weights", help="imagenet | random | PATH to a local checkpoint (.pth/.pt/.safetensors)")
+    g.add_argument("--seg-tag", help="which segmentation to read (default: the only one in the workspace)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--num-workers", type=int, help="reader processes per device")
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--devices", help="comma-separated CUDA indices: one process per GPU on the shared workspace")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    g.add_argument("--dtype", choices=["float16", "float32"], help="feature storage type")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
+    g.add_argument("--export-pt", action="store_true", default=None, help="also write one .pt tensor per slide")
+    g.add_argument("--list-backbones", action="store_true", help="print the registered backbones and exit")
+
+    p = sub.add_parser("train", help="train MIL models (baselines and MHIM-MIL) with cross-validation")
+    _common(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--features", type=Path, help="folder of bags (default: the workspace's only feature folder)")
+    g.add_argument("--experiment", help="experiment name (folder under <workspace>/experiments)")
+    g.add_argument("--folds", type=int, help="number of cross-validation folds")
+    g.add_argument("--seeds", help="comma-separated seeds, e.g. 2021,2022,2023")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--resume", action="store_true", default=None, help="continue a killed run")
+    g.add_argument("--allow-missing", action="store_true", default=None, help="skip manifest slides without a bag")
+    g.add_argument("--list-models", action="store_true", help="print the registered MIL students and exit")
+
+    p = sub.add_parser("evaluate", help="metrics, per-slide predictions and attention heatmaps")
+    _common(p)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--experiment", help="experiment to evaluate")
+    g.add_argument("--features", type=Path, help="bags of an external test set (with --manifest)")
+    g.add_argument("--heatmaps", help="number of slides to draw heatmaps for, or 'all'")
+    g.add_argument("--protocol", choices=["default", "paper"],
+                   help="'paper' = validation is the test fold (optimistic; for comparison only)")
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+
+    p = sub.add_parser("run", help="segment -> extract -> train -> evaluate from one config")
+    _common(p)
+
+    p = sub.add_parser("make-demo", help="write a generated cohort of pyramidal SVS slides and its manifest")
+    p.add_argument("--out", type=Path, required=True, help="folder for the slides and manifest.csv")
+    p.add_argument("--slides", type=int, default=24)
+    p.add_argument("--classes", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--texture", type=Path, help="a real H&E image to take tissue texture from")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False, log_file: Path | None = None) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", handlers=handlers, force=True)
+    if verbose < 2:
+        for noisy in ("PIL", "matplotlib", "h5py", "timm"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from extract.errors import PipelineError
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        if args.command == "make-demo":
+            from extract.synthetic import make_cohort
+
+            manifest = make_cohort(args.out, n_slides=args.slides, seed=args.seed,
+                                   n_classes=args.classes, texture=args.texture)
+            print(f"wrote {args.slides} slides and {manifest}")
+            return 0
+        if args.command == "segment":
+            from .segment_stage import segment_command
+            return segment_command(args)
+        if args.command == "extract":
+            from .extract_stage import extract_command
+            return extract_command(args)
+        if args.command == "train":
+            from .train_stage import train_command
+            return train_command(args)
+        if args.command == "evaluate":
+            from .evaluate_stage import evaluate_command
+            return evaluate_command(args)
+        if args.command == "run":
+            from .run_stage import run_command
+            return run_command(args)
+    except PipelineError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; finished slides are kept, rerun the same command to continue")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""YAML configuration mapped onto frozen dataclasses, validated on load.
+
+Unknown keys are errors that name the key path (a mistyped key never passes silently);
+command-line flags override only what the user set (argparse defaults are ``None``); the
+resolved configuration is written next to every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extract.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def from_dict(cls, data: dict | None, where: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(repr(where + k) for k in unknown)}; valid keys here: "
+            f"{', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"bad value for '{key}'")
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"The '{key}' key must be a mapping. Got {value!r} instead.")
+        return from_dict(tp, value, where=f"{key}.")
+    if origin in (tuple, list):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"The '{key}' key must be a list. Got {value!r} instead.")
+        inner = args[0] if args else Any
+        return tuple(_coerce(inner, v, key) for v in value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"The '{key}' key must be true or false. Got {value!r} instead.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"The '{key}' key must be a whole number. Got {value!r} instead.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"The '{key}' key must be a number. Got {value!r} instead.")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"The '{key}' key must be a string. Got {value!r} instead.")
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"The '{key}' key must be a mapping. Got {value!r} instead.")
+        return dict(value)
+    return value
+
+
+def override(config, **flags):
+    """A copy of ``config`` with the flags that are not None (an unset flag changes nothing)."""
+    changes = {k: v for k, v in flags.items() if v is not None}
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(config) if is_dataclass(config) else config, sort_keys=False))
+
+
+# -- stage sections ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Tissue segmentation and tiling. ``None`` segmentation values come from ``preset``."""
+
+    preset: str = "default"
+    sthresh: int | None = None
+    mthresh: int | None = None
+    close: int | None = None
+    use_otsu: bool | None = None
+    a_t: float | None = None
+    a_h: float | None = None
+    max_n_holes: int | None = None
+    target_mpp: float = 0.5
+    patch_px: int = 256
+    patch_level: int | None = None  # set = CLAM mode: tile at a pyramid level, no mpp needed
+    step_px: int | None = None
+    contour_fn: str = "four_pt"
+    use_padding: bool = True
+    seg_downsample: float = 64.0
+    tag: str | None = None
+    previews: bool = True
+
+    def __post_init__(self):
+        if self.patch_px < 16:
+            raise ConfigError(f"The 'patch_px' parameter must be >= 16. Got {self.patch_px} instead.")
+        if self.target_mpp <= 0:
+            raise ConfigError(f"The 'target_mpp' parameter must be > 0 micrometres. Got {self.target_mpp} instead.")
+        if self.patch_level is not None and self.patch_level < 0:
+            raise ConfigError(f"The 'patch_level' parameter must be >= 0. Got {self.patch_level} instead.")
+        if self.contour_fn not in ("four_pt", "four_pt_hard", "center", "basic"):
+            raise ConfigError(
+                "The 'contour_fn' parameter must be one of four_pt, four_pt_hard, center, basic. "
+                f"Got {self.contour_fn!r} instead."
+            )
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Feature extraction with one backbone."""
+
+    backbone: str = "resnet50_trunc"
+    weights: str = "imagenet"
+    batch_size: int = 256
+    num_workers: int = 2
+    device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    dtype: str = "float16"
+    compile: bool = False
+    seg_tag: str | None = None
+    export_pt: bool = False
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"The 'batch_size' parameter must be >= 1. Got {self.batch_size} instead.")
+        if self.num_workers < 0:
+            raise ConfigError(f"The 'num_workers' parameter must be >= 0. Got {self.num_workers} instead.")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"The 'precision' parameter must be auto, bf16, fp16 or fp32. Got {self.precision!r} instead.")
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigError(f"The 'dtype' parameter must be float16 or float32. Got {self.dtype!r} instead.")
+
+
+# -- the command-line view --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What every stage command resolves first: manifest, workspace and its config section."""
+
+    manifest: Path | None
+    workspace: Path
+    section: Any
+    raw: dict = field(default_factory=dict)
+
+
+def resolve_stage(args, section_name: str, section_cls, flag_names: tuple[str, ...]) -> StageInputs:
+    """Merge ``--config`` (its top-level ``manifest``/``workspace`` and section) with the flags.
+
+    Relative paths inside a config file resolve against the config file's folder.
+    """
+    raw: dict = {}
+    base = Path.cwd()
+    if getattr(args, "config", None) is not None:
+        raw = load_yaml(args.config)
+        base = Path(args.config).resolve().parent
+        allowed = {"manifest", "workspace", "segment", "extract", "train", "evaluate", "name"}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"{args.config}: unknown top-level key(s) {', '.join(map(repr, unknown))}; valid: "
+                f"{', '.join(sorted(allowed))}"
+            )
+    section = from_dict(section_cls, raw.get(section_name), where=f"{section_name}.")
+    flags = {name: getattr(args, name, None) for name in flag_names}
+    try:
+        section = override(section, **flags)
+    except ConfigError:
+        raise
+    manifest = getattr(args, "manifest", None)
+    if manifest is None and raw.get("manifest"):
+        manifest = base / raw["manifest"]
+    workspace = getattr(args, "workspace", None)
+    if workspace is None and raw.get("workspace"):
+        workspace = base / raw["workspace"]
+    if workspace is None:
+        raise ConfigError("no workspace: pass --workspace DIR or set 'workspace:' in the config")
+    return StageInputs(Path(manifest) if manifest else None, Path(workspace), section, raw)

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from extract.errors import ManifestError
+from pipeline.manifest import load_manifest, parse_shard
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / "b.svs").write_bytes(b"x")
+    path = tmp_path / "manifest.csv"
+    path.write_text(text)
+    return path
+
+
+def test_relative_paths_resolve_against_the_manifest_folder(tmp_path, monkeypatch):
+    path = write(tmp_path, "slide_id,path,label,mpp\nA,a.svs,tumor,0.25\nB,b.svs,normal,\n")
+    monkeypatch.chdir("/")
+    m = load_manifest(path, require=("path", "label"))
+    assert [r.slide_id for r in m] == ["A", "B"]
+    assert m.rows[0].path == tmp_path / "a.svs"
+    assert m.rows[0].mpp == 0.25 and m.rows[1].mpp is None
+    assert m.rows[0].label == "tumor"
+
+
+def test_every_problem_is_reported_at_once_with_its_line(tmp_path):
+    path = write(
+        tmp_path,
+        "slide_id,path,label,mpp,event\n"
+        "A,a.svs,tumor,0.25,1\n"
+        "A,b.svs,tumor,abc,1\n"          # duplicate id, bad mpp
+        "bad/id,missing.svs,normal,,2\n"  # unsafe id, missing file, bad event
+        "C,b.svs,,,\n",                   # empty required label
+    )
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path, require=("path", "label"))
+    text = str(info.value)
+    assert "line 3" in text and "duplicate slide_id" in text
+    assert "'mpp' must be a number" in text
+    assert "line 4" in text and "slide_id must use only" in text
+    assert "slide file not found" in text and "missing.svs" in text
+    assert "'event' must be 0" in text
+    assert "line 5" in text and "empty 'label'" in text
+    assert not any(p.suffix == ".h5" for p in tmp_path.iterdir())  # nothing written
+
+
+def test_headerless_csv_is_refused_instead_of_losing_a_row(tmp_path):
+    path = write(tmp_path, "A,a.svs,tumor\nB,b.svs,normal\n")
+    with pytest.raises(ManifestError, match="no 'slide_id' column"):
+        load_manifest(path)
+
+
+def test_missing_required_column_and_missing_file(tmp_path):
+    path = write(tmp_path, "slide_id,path\nA,a.svs\n")
+    with pytest.raises(ManifestError, match="missing required column 'label'"):
+        load_manifest(path, require=("label",))
+    with pytest.raises(ManifestError, match="manifest not found"):
+        load_manifest(tmp_path / "nope.csv")
+
+
+def test_shards_split_the_manifest_deterministically(tmp_path):
+    rows = "".join(f"S{i},a.svs\n" for i in range(10))
+    m = load_manifest(write(tmp_path, "slide_id,path\n" + rows))
+    parts = [m.shard(*parse_shard(f"{i}/3")).slide_ids for i in range(3)]
+    assert sorted(sum(parts, [])) == sorted(m.slide_ids)
+    assert parts[0] == ["S0", "S3", "S6", "S9"]
+    with pytest.raises(ManifestError, match="--shard"):
+        parse_shard("3/3")

@@ -1,4 +1,4 @@
-"""The MIL student contract, checked for every registered model (parametrised over list_models())."""
+"""The MIL student contract, checked for every model in list_models()."""
 
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def test_bad_dims_give_parameter_messages(param, bad):
 
 def test_none_kwargs_are_dropped_and_unknown_ones_rejected():
     assert create_model("abmil", 64, 2, gated=None, dropout=None).gated is True
-    with pytest.raises(ConfigError, match="does not take the parameter\\(s\\) 'gatd'.*Accepted: gated"):
+    unknown = r"does not take the parameter\(s\) 'gatd'. Accepted: gated, embed_dim"
+    with pytest.raises(ConfigError, match=unknown):
         create_model("abmil", 64, 2, gatd=False)
     with pytest.raises(ConfigError, match="'multi_branch'"):
         create_model("clam_sb", 64, 2, multi_branch=True)
@@ -217,7 +218,9 @@ def test_padded_batch_equals_unpadded_bags(name):
             torch.testing.assert_close(prob[i, :n], model.instance_class_prob(model.embed(bag))[0])
             assert (prob[i, n:] == 0).all()
         if aux is not None:
-            singles = [model.auxiliary_loss(model(b), target[i : i + 1]) for i, b in enumerate(bags)]
+            singles = [
+                model.auxiliary_loss(model(b), target[i : i + 1]) for i, b in enumerate(bags)
+            ]
             torch.testing.assert_close(aux, torch.stack(singles).mean())
 
 
@@ -289,12 +292,12 @@ def test_abmil_instance_class_prob_is_the_direct_formula():
     h = model.embed(torch.randn(1, 25, 32))
     with torch.no_grad():
         a = torch.softmax(model.attention(h)[0, :, 0], dim=0)  # [N]
-        expected = torch.stack(
-            [torch.softmax(model.classifier.weight @ (a[i] * h[0, i]), dim=0).max() for i in range(25)]
-        )
+        W = model.classifier.weight
+        expected = torch.stack([torch.softmax(W @ (a[i] * h[0, i]), 0).max() for i in range(25)])
         torch.testing.assert_close(model.instance_class_prob(h)[0], expected)
         # instance_scores are the attention logits before the softmax
-        torch.testing.assert_close(model.aggregate(h).instance_scores[0], model.attention(h)[0, :, 0])
+        logits = model.attention(h)[0, :, 0]
+        torch.testing.assert_close(model.aggregate(h).instance_scores[0], logits)
 
 
 def test_dsmil_instance_class_prob_is_the_instance_classifier_confidence():
@@ -416,9 +419,9 @@ def test_clam_instance_loss_follows_clam():
 def test_smooth_top1_svm_matches_its_definition():
     s = torch.tensor([[2.0, 0.5], [0.1, 0.3]])
     y = torch.tensor([0, 0])
-    manual = torch.stack(
-        [torch.logsumexp(torch.tensor([0.0, 0.5 + 1 - 2.0]), 0), torch.logsumexp(torch.tensor([0.0, 0.3 + 1 - 0.1]), 0)]
-    ).mean()
+    # tau * logsumexp_j((s_j + [j != y] - s_y) / tau) with tau = 1, per row, then the mean
+    rows = [torch.tensor([0.0, 0.5 + 1 - 2.0]), torch.tensor([0.0, 0.3 + 1 - 0.1])]
+    manual = torch.stack([torch.logsumexp(r, 0) for r in rows]).mean()
     torch.testing.assert_close(smooth_top1_svm_loss(s, y), manual)
     # tau -> 0 gives the hard multi-class hinge max_j(s_j + [j != y]) - s_y
     hard = torch.tensor([max(2.0, 0.5 + 1) - 2.0, max(0.1, 0.3 + 1) - 0.1]).mean()

@@ -69,7 +69,9 @@ def check_choice(name: str, value: Any, owner: str, choices: tuple[str, ...]) ->
 
 def check_bool(name: str, value: Any, owner: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"The {name!r} parameter of {owner} must be a bool. Got {value!r} instead.")
+        raise ConfigError(
+            f"The {name!r} parameter of {owner} must be a bool. Got {value!r} instead."
+        )
     return value
 
 
@@ -191,7 +193,9 @@ class MILModel(nn.Module):
         h, mask = self._check_bag(h, mask, None, "instance embeddings")
         return self._aggregate(h, mask)
 
-    def instance_class_prob(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def instance_class_prob(
+        self, h: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """MHIM-v2 class-aware instance probability ``[B, N]`` from embeddings ``h`` [B, N, H].
 
         Padded positions hold 0. What each student computes is in its class docstring.
@@ -231,7 +235,9 @@ class MILModel(nn.Module):
 
     # ---------------------------------------------------------------- to implement
 
-    def _aggregate(self, h: torch.Tensor, mask: torch.Tensor | None) -> MILOutput:  # pragma: no cover
+    def _aggregate(
+        self, h: torch.Tensor, mask: torch.Tensor | None
+    ) -> MILOutput:  # pragma: no cover
         raise NotImplementedError
 
     def _instance_class_prob(

@@ -92,7 +92,7 @@ class NystromAttention(nn.Module):
         return t.view(b, n, self.heads, self.dim_head).transpose(1, 2)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-head ``q`` (already scaled by ``dim_head ** -0.5``), ``k``, ``v``: [B, heads, n, d]."""
+        """Per-head ``q`` (scaled by ``dim_head ** -0.5``), ``k``, ``v``, each [B, heads, n, d]."""
         q, k, v = self.to_qkv(x).chunk(3, dim=-1)
         return self.split_heads(q) * self.scale, self.split_heads(k), self.split_heads(v)
 

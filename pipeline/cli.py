@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from extract.errors import PipelineError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging(args.verbose, args.quiet)
     try:
         if args.command == "make-demo":

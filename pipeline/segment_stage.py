@@ -1,0 +1,168 @@
+"""``wsi-pipeline segment``: slides -> tissue contours -> patch coordinates (+ previews)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+from extract.errors import ConfigError, SlideError
+
+from .config import SegmentConfig, dump_yaml, resolve_stage
+from .manifest import load_manifest, parse_shard
+from .runner import SlideOutcome, check_stage_params, run_slides, temp_path_for
+from .workspace import Workspace, fingerprint, seg_tag
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SEG_FLAGS = ("preset", "sthresh", "mthresh", "close", "use_otsu", "a_t", "a_h", "max_n_holes",
+             "target_mpp", "patch_px", "patch_level", "step_px", "contour_fn", "use_padding",
+             "seg_downsample", "tag", "previews")
+
+
+def segmentation_params(config: SegmentConfig):
+    """The preset's CLAM parameters with the values the user set on top."""
+    from extract.segmentation import SegmentParams, load_preset
+
+    base = load_preset(config.preset)
+    changes = {f.name: getattr(config, f.name) for f in dataclasses.fields(SegmentParams)
+               if getattr(config, f.name, None) is not None}
+    return dataclasses.replace(base, **changes)
+
+
+def tag_for(config: SegmentConfig) -> str:
+    return config.tag or seg_tag(config.target_mpp, config.patch_px, config.patch_level,
+                                 config.step_px, config.preset)
+
+
+def segment_params_record(config: SegmentConfig) -> dict:
+    """Everything that changes the coordinates; its digest is the output fingerprint."""
+    record = dataclasses.asdict(config)
+    record.pop("previews")
+    record.pop("tag")
+    record["segmentation"] = dataclasses.asdict(segmentation_params(config))
+    record["format_version"] = FORMAT_VERSION
+    return record
+
+
+def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path | None,
+                  default_mpp: float | None = None) -> SlideOutcome:
+    """Segment and tile one slide into ``tmp_path`` (coords HDF5); draw its preview."""
+    from extract.coords_file import write_coords
+    from extract.segmentation import segment_tissue, segmentation_image
+    from extract.slide import Slide
+    from extract.tiling import level0_patch_px, tile_tissue
+
+    if row.path is None:
+        raise SlideError(f"row {row.line}: no 'path' for slide {row.slide_id}")
+    params = segmentation_params(config)
+    with Slide(row.path, mpp=row.mpp if row.mpp is not None else default_mpp) as slide:
+        if config.patch_level is None:
+            slide_mpp = slide.require_mpp()
+            patch0 = level0_patch_px(config.patch_px, config.target_mpp, slide_mpp)
+            step0 = level0_patch_px(config.step_px or config.patch_px, config.target_mpp, slide_mpp)
+            patch_level, downsample = 0, 1.0
+            attr_patch = patch0
+        else:
+            if config.patch_level >= slide.level_count:
+                raise SlideError(
+                    f"{row.path}: --patch-level {config.patch_level} does not exist (the slide has "
+                    f"{slide.level_count} level(s)); use a lower level or --target-mpp"
+                )
+            slide_mpp = slide.mpp
+            patch_level = config.patch_level
+            downsample = slide.level_downsamples[patch_level]
+            patch0 = int(round(config.patch_px * downsample))
+            step0 = int(round((config.step_px or config.patch_px) * downsample))
+            attr_patch = config.patch_px
+
+        image, scale = segmentation_image(slide, mode="clam", downsample=config.seg_downsample)
+        tissue = segment_tissue(image, params, scale)
+        coords = tile_tissue(tissue, patch0, slide.dimensions, contour_fn=config.contour_fn,
+                             step_px=step0, use_padding=config.use_padding)
+        attrs = {
+            "patch_size": int(attr_patch),
+            "patch_level": int(patch_level),
+            "downsample": [float(downsample), float(downsample)],
+            "level_dim": list(slide.level_dimensions[patch_level]),
+            "name": row.slide_id,
+            "patch_size_level0": int(patch0),
+            "patch_px": int(config.patch_px),
+            "target_mpp": float(config.target_mpp) if config.patch_level is None else -1.0,
+            "slide_mpp": float(slide_mpp) if slide_mpp is not None else -1.0,
+            "mpp_source": slide.mpp_source,
+            "params": json.dumps(segment_params_record(config), sort_keys=True),
+            "format_version": FORMAT_VERSION,
+        }
+        write_coords(tmp_path, coords, attrs)
+        if preview_path is not None:
+            _write_preview(slide, image, scale, tissue, coords, patch0, row.slide_id, preview_path, slide_mpp)
+
+    n = int(len(coords))
+    if n:
+        return SlideOutcome("done", f"{len(tissue.contours)} contour(s)", patches=n)
+    return SlideOutcome("empty", _why_empty(tissue, patch0), patches=0)
+
+
+def _why_empty(tissue, patch0: int) -> str:
+    if tissue.is_empty:
+        return tissue.describe_empty()
+    return f"tissue found but smaller than one patch ({patch0} level-0 px)"
+
+
+def _write_preview(slide, image, scale, tissue, coords, patch0, slide_id, path: Path, slide_mpp) -> None:
+    from .previews import draw_preview, save_png
+
+    # A 64x image of a small slide is too small to look at: read a larger one for the preview.
+    if max(image.shape[:2]) < 800 and max(slide.dimensions) > max(image.shape[:2]):
+        image, scale = slide.thumbnail(max(1.0, max(slide.dimensions) / 1200))
+    mpp_text = f", {slide_mpp:.3f} um/px" if slide_mpp else ""
+    caption = f"{slide_id}: {len(coords)} patches of {patch0} px{mpp_text}"
+    rgb = draw_preview(image, scale, tissue.contours, tissue.holes, coords, patch0, caption)
+    tmp = temp_path_for(path).with_suffix(".png")
+    try:
+        save_png(tmp, rgb)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, shard: str | None = None,
+                overwrite: bool = False, slide_mpp: float | None = None, progress: bool = True):
+    """Segment every manifest slide not done yet; returns (BatchSummary, tag)."""
+    if manifest_path is None:
+        raise ConfigError("no manifest: pass --manifest CSV or set 'manifest:' in the config")
+    manifest = load_manifest(manifest_path, require=("path",), check_files=False)
+    manifest = manifest.shard(*parse_shard(shard))
+    ws = Workspace(workspace)
+    tag = tag_for(config)
+    out_dir = ws.segment_dir(tag)
+    record = segment_params_record(config)
+    digest = fingerprint(record)
+    check_stage_params(out_dir, record, digest, overwrite)
+    dump_yaml(config, out_dir / "config.yaml")
+    (out_dir / "coords").mkdir(parents=True, exist_ok=True)
+    if config.previews:
+        (out_dir / "previews").mkdir(parents=True, exist_ok=True)
+
+    def work(row, tmp):
+        preview = ws.preview_path(tag, row.slide_id) if config.previews else None
+        return segment_slide(row, tmp, config, preview, default_mpp=slide_mpp)
+
+    summary = run_slides("segment", manifest.rows, out_dir, lambda r: ws.coords_path(tag, r.slide_id),
+                         digest, work, overwrite=overwrite, progress=progress)
+    return summary, tag
+
+
+def segment_command(args) -> int:
+    inputs = resolve_stage(args, "segment", SegmentConfig, SEG_FLAGS)
+    summary, tag = run_segment(inputs.manifest, inputs.workspace, inputs.section, args.shard,
+                               bool(args.overwrite), getattr(args, "slide_mpp", None),
+                               progress=not args.quiet)
+    out_dir = Workspace(inputs.workspace).segment_dir(tag)
+    print(summary.table())
+    print(f"coordinates: {out_dir / 'coords'}\npreviews:    {out_dir / 'previews'}\nstatus:      {out_dir / 'status.csv'}")
+    return summary.exit_code

@@ -376,10 +376,6 @@ class _Blob:
             wobble += amp * np.cos(k * theta + phase)
         return 1.0 - rho / wobble
 
-    def box(self) -> list[int]:
-        r = max(self.rx, self.ry) * (1 + float(np.abs(self.harmonics[:, 0]).sum()))
-        return [int(self.cx - r), int(self.cy - r), int(self.cx + r), int(self.cy + r)]
-
 
 def _random_blob(rng: np.random.Generator, cx: float, cy: float, r: float, wobble: float = 0.12) -> _Blob:
     aspect = rng.uniform(0.6, 1.0)

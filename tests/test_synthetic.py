@@ -139,7 +139,9 @@ def test_cohort_tissue_and_lesions_are_found_by_segmentation(tmp_path):
     from extract.slide import Slide
     from extract.tiling import tile_tissue
 
-    manifest, rows = _cohort(tmp_path, n_slides=3, seed=2, positive_fraction=1.0)
+    # Full-size demo slides (6000 x 4000): seed 2 gives a hole and lesions on both.
+    manifest, rows = _cohort(tmp_path, n_slides=2, seed=2, positive_fraction=1.0, size_px=(6000, 4000))
+    n_holes = 0
     for r in rows:
         truth = json.loads((manifest.parent / "ground_truth" / f"{r['slide_id']}.json").read_text())
         with Slide(manifest.parent / r["path"]) as s:
@@ -148,6 +150,13 @@ def test_cohort_tissue_and_lesions_are_found_by_segmentation(tmp_path):
             coords = tile_tissue(tissue, 256, s.dimensions)
         assert tissue.n_contours == len(truth["tissue_boxes"])
         assert sum(map(len, tissue.holes)) == len(truth["hole_boxes"])
+        n_holes += len(truth["hole_boxes"])
+        for x0, y0, x1, y1 in truth["hole_boxes"]:        # no patch centre deep inside a hole
+            inset = 0.3 * min(x1 - x0, y1 - y0)
+            centre = coords + 128
+            inside = ((centre[:, 0] > x0 + inset) & (centre[:, 0] < x1 - inset)
+                      & (centre[:, 1] > y0 + inset) & (centre[:, 1] < y1 - inset))
+            assert not inside.any()
         for x0, y0, x1, y1 in truth["tissue_boxes"]:     # every painted piece has a contour on it
             assert any(c[:, 0].min() < x1 and c[:, 0].max() > x0 and c[:, 1].min() < y1 and c[:, 1].max() > y0
                        for c in tissue.contours)
@@ -155,6 +164,7 @@ def test_cohort_tissue_and_lesions_are_found_by_segmentation(tmp_path):
             x0, y0, x1, y1 = lesion["box"]
             hit = (coords[:, 0] < x1) & (coords[:, 0] + 256 > x0) & (coords[:, 1] < y1) & (coords[:, 1] + 256 > y0)
             assert hit.sum() >= 1
+    assert n_holes >= 2
 
 
 def test_make_cohort_is_deterministic_and_three_class(tmp_path):

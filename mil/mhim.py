@@ -735,8 +735,10 @@ class MHIM(nn.Module):
             priority = _randperm(n, self.generator, device).float()
         keep = keep_indices(n, masked.to(device), priority)
 
-        h = self.student.embed(x)  # [1, N, H]
-        h_in = h.index_select(1, keep)  # removed, not zeroed; ascending order
+        # Masked instances are removed, not zeroed (ascending order kept). The embedding is
+        # per instance, so embedding only the kept rows gives the same result at a fraction of
+        # the cost: this is what makes MHIM no slower than its baseline.
+        h_in = self.student.embed(x.index_select(1, keep))  # [1, n_keep, H]
         n_grn = 0
         if self.grn is not None:
             n_left = keep.numel()

@@ -421,6 +421,13 @@ def _list_models() -> str:
     return "\n".join(f"{n:<{width}}  {model_info(n).summary}" for n in names)
 
 
+def experiment_name(section: dict, raw: dict, recipe_path: Path | None, config) -> str:
+    """The experiment's folder name when none is given: section, config name, recipe, model."""
+    return (section.get("experiment") or raw.get("name")
+            or (recipe_path.stem if recipe_path is not None else None)
+            or (f"mhim_{config.model}" if config.mhim is not None else config.model))
+
+
 def train_command(args: argparse.Namespace) -> int:
     """The ``train`` subcommand; returns the exit code (0 ok, 1 a run failed or is locked)."""
     if getattr(args, "list_models", False):
@@ -433,9 +440,7 @@ def train_command(args: argparse.Namespace) -> int:
     section = dict(inputs.raw.get("train") or {})
     config, recipe_path = resolve_train_config(section, base, flags)
 
-    experiment = (getattr(args, "experiment", None) or section.get("experiment") or inputs.raw.get("name")
-                  or (recipe_path.stem if recipe_path is not None else None)
-                  or (f"mhim_{config.model}" if config.mhim is not None else config.model))
+    experiment = getattr(args, "experiment", None) or experiment_name(section, inputs.raw, recipe_path, config)
     features = getattr(args, "features", None)
     if features is None and section.get("features"):
         features = Path(section["features"]).expanduser()

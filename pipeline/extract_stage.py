@@ -1,0 +1,282 @@
+"""``wsi-pipeline extract``: patch coordinates -> one feature bag per slide, per backbone.
+
+Reading and compute overlap: reader processes decode tile-aligned blocks and crop patches
+(uint8), the main process moves each batch to the device (pinned memory, non-blocking), resizes
+and normalises there, and runs the backbone under autocast in channels_last. The same code runs
+on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from extract.errors import ConfigError, SlideError
+
+from .config import ExtractConfig, dump_yaml, resolve_stage
+from .manifest import load_manifest, parse_shard
+from .runner import SlideOutcome, check_stage_params, run_slides
+from .workspace import Workspace, fingerprint
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+EXTRACT_FLAGS = ("backbone", "weights", "batch_size", "num_workers", "device", "precision",
+                 "dtype", "compile", "seg_tag", "export_pt")
+
+
+def backbone_tag(backbone: str, weights_id: str) -> str:
+    """``resnet50_trunc-imagenet``, ``timm-vit_small_patch16_224-random``, ``uni-sha256_1a2b3c4d``."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", backbone).strip("-")
+    weights = weights_id.replace("sha256:", "sha256_")[:15]
+    return f"{name}-{weights}"
+
+
+def select_device(spec: str = "auto"):
+    """``auto`` -> the first CUDA device when one is present, else the CPU."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ConfigError(f"The 'device' parameter must be auto, cpu, cuda or cuda:N. Got {spec!r} instead.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def autocast_dtype(device, precision: str):
+    """bf16 on CUDA where supported (fp16 otherwise); fp32 on CPU unless asked."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None  # CPU autocast is slower than fp32 on most CPUs
+
+
+@dataclass
+class Extractor:
+    """A backbone on a device with its precision: uint8 patches in, features out."""
+
+    model: object
+    device: object
+    amp_dtype: object
+
+    @classmethod
+    def create(cls, config: ExtractConfig) -> "Extractor":
+        import torch
+
+        from extract.backbones import create_backbone
+
+        device = select_device(config.device)
+        # 'random' must mean the same weights in every process and rerun (shards, GPUs,
+        # resumes), or bags of one folder would not share a feature space.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = create_backbone(config.backbone, weights=config.weights)
+        model = model.to(device).eval().to(memory_format=torch.channels_last)
+        if config.compile:
+            model = torch.compile(model)
+        return cls(model, device, autocast_dtype(device, config.precision))
+
+    @property
+    def config(self):
+        model = getattr(self.model, "_orig_mod", self.model)
+        return model.backbone_config
+
+    def __call__(self, patches) -> np.ndarray:
+        """``patches`` uint8 ``[B, H, W, 3]`` (numpy or pinned tensor) -> float32 ``[B, D]``."""
+        import torch
+
+        from extract.backbones import preprocess_on_device
+
+        batch = torch.as_tensor(patches).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            x = preprocess_on_device(batch, self.config, self.amp_dtype or torch.float32)
+            context = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                       else contextlib.nullcontext())
+            with context:
+                features = self.model(x)
+        return features.float().cpu().numpy()
+
+
+def extract_slide(row, tmp_path: Path, coords_path: Path, extractor: Extractor, config: ExtractConfig,
+                  progress: bool = False) -> SlideOutcome:
+    """Read the patches of one slide, embed them and write its bag to ``tmp_path``."""
+    from extract.bags import write_bag
+    from extract.coords_file import read_coords
+    from extract.patch_reader import iter_patch_batches
+
+    if not coords_path.is_file():
+        raise SlideError(f"{row.slide_id}: no coordinates at {coords_path}; run `wsi-pipeline segment` first "
+                         "(or check its status.csv for why this slide failed)")
+    coords, cattrs = read_coords(coords_path)
+    bb = extractor.config
+    attrs = {
+        "backbone": bb.name,
+        "weights": bb.weights_id,
+        "feature_dim": int(bb.feature_dim),
+        "input_size": int(bb.input_size),
+        "patch_size_level0": int(cattrs["patch_size_level0"]),
+        "target_mpp": float(cattrs.get("target_mpp", -1.0)),
+        "slide_mpp": float(cattrs.get("slide_mpp", -1.0)),
+        "precision": str(extractor.amp_dtype).replace("torch.", "") if extractor.amp_dtype else "float32",
+        "seg_fingerprint": str(cattrs.get("fingerprint", "")),
+        "format_version": FORMAT_VERSION,
+    }
+    n = len(coords)
+    if n == 0:
+        attrs["dropped_patches"] = 0
+        write_bag(tmp_path, np.zeros((0, bb.feature_dim), np.float32), coords, attrs, dtype=config.dtype)
+        return SlideOutcome("empty", "no patches in the coordinates file", patches=0)
+
+    patch0 = int(cattrs["patch_size_level0"])
+    out_px = int(cattrs.get("patch_px", 0)) or min(patch0, max(bb.input_size, 224))
+    features = np.zeros((n, bb.feature_dim), np.float32)
+    pin = extractor.device.type == "cuda"
+    t_read = t_model = 0.0
+    batches = iter_patch_batches(row.path, coords, patch0, out_px, batch_size=config.batch_size,
+                                 num_workers=config.num_workers, mpp=row.mpp, pin_memory=pin,
+                                 ordered=False)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc=row.slide_id, unit="patch", leave=False, disable=not progress)
+    with batches:
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                indices, patches = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            features[indices] = extractor(patches)
+            t2 = time.perf_counter()
+            t_read += t1 - t0
+            t_model += t2 - t1
+            bar.update(len(indices))
+    bar.close()
+    report = batches.report
+    keep = np.ones(n, bool)
+    keep[report.dropped] = False
+    attrs["dropped_patches"] = int((~keep).sum())
+    attrs["retried_patches"] = int(len(report.retried))
+    write_bag(tmp_path, features[keep], coords[keep], attrs, dtype=config.dtype)
+    message = f"read {t_read:.1f} s, model {t_model:.1f} s"
+    if attrs["dropped_patches"]:
+        message += f"; {attrs['dropped_patches']} unreadable patch(es) dropped ({report.errors[0] if report.errors else ''})"
+    return SlideOutcome("done", message, patches=int(keep.sum()))
+
+
+def find_seg_tag(ws: Workspace, wanted: str | None) -> str:
+    tags = ws.segment_tags()
+    if wanted:
+        if wanted not in tags:
+            raise ConfigError(f"no segmentation '{wanted}' in {ws.root / 'segment'} (found: {', '.join(tags) or 'none'}); "
+                              "run `wsi-pipeline segment` first or pass --seg-tag")
+        return wanted
+    if len(tags) == 1:
+        return tags[0]
+    if not tags:
+        raise ConfigError(f"no segmentation in {ws.root / 'segment'}; run `wsi-pipeline segment` first")
+    raise ConfigError(f"several segmentations in {ws.root / 'segment'} ({', '.join(tags)}); choose one with --seg-tag")
+
+
+def run_extract(manifest_path: Path, workspace: Path, config: ExtractConfig, shard: str | None = None,
+                overwrite: bool = False, progress: bool = True):
+    """Extract every manifest slide not done yet; returns (BatchSummary, features_dir)."""
+    from extract.bags import export_pt
+
+    if manifest_path is None:
+        raise ConfigError("no manifest: pass --manifest CSV or set 'manifest:' in the config")
+    manifest = load_manifest(manifest_path, require=("path",), check_files=False)
+    manifest = manifest.shard(*parse_shard(shard))
+    ws = Workspace(workspace)
+    tag = find_seg_tag(ws, config.seg_tag)
+    seg_params = json.loads((ws.segment_dir(tag) / "params.json").read_text()).get("fingerprint", "")
+
+    extractor = Extractor.create(config)  # fails here, before any slide, if weights are missing
+    bb = extractor.config
+    btag = backbone_tag(config.backbone, bb.weights_id)
+    out_dir = ws.features_dir(btag, tag)
+    record = {"backbone": bb.name, "weights": bb.weights_id, "input_size": bb.input_size,
+              "dtype": config.dtype, "segmentation": seg_params, "format_version": FORMAT_VERSION}
+    digest = fingerprint(record)
+    check_stage_params(out_dir, record, digest, overwrite)
+    dump_yaml(config, out_dir / "config.yaml")
+    log.info("extracting with %s (%s, %d-d) on %s, autocast %s -> %s", bb.name, bb.weights_id,
+             bb.feature_dim, extractor.device, extractor.amp_dtype, out_dir)
+
+    def work(row, tmp):
+        return extract_slide(row, tmp, ws.coords_path(tag, row.slide_id), extractor, config, progress)
+
+    summary = run_slides("extract", manifest.rows, out_dir, lambda r: ws.bag_path(btag, tag, r.slide_id),
+                         digest, work, overwrite=overwrite, progress=progress)
+    if config.export_pt:
+        pt_dir = out_dir / "pt_files"
+        pt_dir.mkdir(exist_ok=True)
+        for row in manifest.rows:
+            bag = ws.bag_path(btag, tag, row.slide_id)
+            pt = pt_dir / f"{row.slide_id}.pt"
+            if bag.is_file() and (not pt.is_file() or pt.stat().st_mtime < bag.stat().st_mtime):
+                tmp = pt.with_name(f".{pt.name}.tmp-{os.getpid()}")
+                export_pt(bag, tmp)
+                os.replace(tmp, pt)
+    return summary, out_dir
+
+
+def _spawn_per_device(args, devices: str) -> int:
+    """One ``extract`` process per GPU on the same manifest; the slide locks share the work."""
+    indices = [d.strip() for d in devices.split(",") if d.strip()]
+    if not indices or not all(d.isdigit() for d in indices):
+        raise ConfigError(f"The '--devices' parameter must be comma-separated GPU indices like 0,1. Got {devices!r} instead.")
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    cleaned, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--devices":
+            skip = True
+            continue
+        if a.startswith("--devices="):
+            continue
+        cleaned.append(a)
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", *cleaned, "--device", f"cuda:{d}"])
+             for d in indices]
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
+def extract_command(args) -> int:
+    if args.list_backbones:
+        from extract.backbones import list_backbones
+
+        print("\n".join(list_backbones() + ["timm:<any timm model name>"]))
+        return 0
+    if args.devices:
+        return _spawn_per_device(args, args.devices)
+    inputs = resolve_stage(args, "extract", ExtractConfig, EXTRACT_FLAGS)
+    summary, out_dir = run_extract(inputs.manifest, inputs.workspace, inputs.section, args.shard,
+                                   bool(args.overwrite), progress=not args.quiet)
+    print(summary.table())
+    print(f"bags:   {out_dir}\nstatus: {out_dir / 'status.csv'}")
+    return summary.exit_code

@@ -76,6 +76,11 @@ def run_command(args) -> int:
     eval_dir = run_evaluation(seg.workspace, experiment, protocol=ev.get("protocol", "default"),
                               heatmaps=ev.get("heatmaps", 0), device=ev.get("device", "auto"))
 
+    import json
+
+    from .evaluate_stage import format_table
+
+    print(format_table(json.loads((eval_dir / "metrics.json").read_text())))
     ws = Path(seg.workspace).resolve()
     print("\nOutputs:")
     print(f"  coordinates + previews  {ws / 'segment' / tag}")

@@ -1,0 +1,459 @@
+"""Evaluation: metrics from predictions (pure), and the stage end to end on a really trained experiment."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from extract.errors import CheckpointError, ConfigError
+from mil.metrics import binary_metrics, concordance_index, multiclass_metrics, youden_threshold
+from pipeline.evaluate_stage import (
+    PROTOCOLS,
+    ensemble_predictions,
+    evaluate_predictions,
+    format_table,
+    parse_heatmaps,
+)
+
+CLASSES = ["normal", "tumor"]
+
+
+def _binary_table(rows: list[tuple[str, int, str, str, float]], seed=2021) -> pd.DataFrame:
+    """(slide_id, fold, split, label, p_tumor) -> predictions table."""
+    return pd.DataFrame(
+        [{"slide_id": s, "seed": seed, "fold": f, "split": sp, "label": lab,
+          "prob_normal": 1 - p, "prob_tumor": p} for s, f, sp, lab, p in rows])
+
+
+def _two_folds() -> pd.DataFrame:
+    """Fold 0: validation puts the Youden cut at 0.7; on test the best cut would be 0.35."""
+    val0 = [("v0", "normal", 0.1), ("v1", "normal", 0.5), ("v2", "normal", 0.6),
+            ("v3", "tumor", 0.7), ("v4", "tumor", 0.9)]
+    test0 = [("t0", "normal", 0.1), ("t1", "normal", 0.3), ("t2", "tumor", 0.35),
+             ("t3", "tumor", 0.4), ("t4", "tumor", 0.8), ("t5", "normal", 0.2)]
+    val1 = [("w0", "normal", 0.2), ("w1", "tumor", 0.4), ("w2", "tumor", 0.8), ("w3", "normal", 0.3)]
+    test1 = [("u0", "normal", 0.25), ("u1", "tumor", 0.45), ("u2", "tumor", 0.6), ("u3", "normal", 0.5),
+             ("u4", "normal", 0.05)]
+    rows = [(s, 0, "val", lab, p) for s, lab, p in val0] + [(s, 0, "test", lab, p) for s, lab, p in test0]
+    rows += [(s, 1, "val", lab, p) for s, lab, p in val1] + [(s, 1, "test", lab, p) for s, lab, p in test1]
+    return _binary_table(rows)
+
+
+# -- pure: metrics from a predictions table -----------------------------------------------------
+
+def test_threshold_comes_from_validation_not_test():
+    pred = _two_folds()
+    metrics, out = evaluate_predictions(pred, "classification", CLASSES, n_boot=200)
+    f0 = metrics["folds"][0]
+    val = pred[(pred.fold == 0) & (pred.split == "val")]
+    test = pred[(pred.fold == 0) & (pred.split == "test")]
+    y_val, y_test = (val.label == "tumor").astype(int), (test.label == "tumor").astype(int)
+    assert f0["threshold"] == youden_threshold(y_val, val.prob_tumor) == 0.7
+    assert youden_threshold(y_test, test.prob_tumor) == 0.35  # what a test-tuned cut would be
+    expected = binary_metrics(y_test, test.prob_tumor, 0.7)
+    for k in ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity"):
+        assert f0[k] == pytest.approx(expected[k], nan_ok=True)
+    assert f0["sensitivity"] == pytest.approx(1 / 3) and f0["n_test"] == 6
+    assert f0["threshold_from"] == "validation"
+    # decisions in the table use each fold's own validation threshold
+    t = out[(out.fold == 0) & (out.split == "test")]
+    assert t.prediction.tolist() == ["normal", "normal", "normal", "normal", "tumor", "normal"]
+    assert metrics["protocol"] == PROTOCOLS["default"] and metrics["task"] == "classification"
+    assert metrics["positive_class"] == "tumor"
+
+
+def test_paper_protocol_chooses_threshold_on_the_test_fold_and_says_so():
+    metrics, _ = evaluate_predictions(_two_folds(), "classification", CLASSES, protocol="paper", n_boot=50)
+    assert metrics["protocol"] == "paper (optimistic: threshold and model selection on the test fold)"
+    assert metrics["folds"][0]["threshold"] == 0.35
+    assert metrics["folds"][0]["sensitivity"] == 1.0
+    assert "test fold" in metrics["folds"][0]["threshold_from"]
+
+
+def test_mean_std_over_folds_and_bootstrap_intervals_contain_the_estimate():
+    metrics, _ = evaluate_predictions(_two_folds(), "classification", CLASSES, n_boot=300)
+    for k in ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity"):
+        vals = [f[k] for f in metrics["folds"]]
+        assert metrics["mean"][k] == pytest.approx(np.mean(vals))
+        assert metrics["std"][k] == pytest.approx(np.std(vals, ddof=1))
+        for f in metrics["folds"]:
+            lo, hi = f[f"{k}_ci"]
+            assert lo <= f[k] + 1e-12 and f[k] <= hi + 1e-12, (k, f[k], lo, hi)
+
+
+def test_single_class_validation_falls_back_to_half_and_records_it(caplog):
+    rows = [("v0", 0, "val", "normal", 0.2), ("v1", 0, "val", "normal", 0.4),
+            ("t0", 0, "test", "normal", 0.3), ("t1", 0, "test", "tumor", 0.6)]
+    metrics, _ = evaluate_predictions(_binary_table(rows), "classification", CLASSES, n_boot=20)
+    assert metrics["folds"][0]["threshold"] == 0.5
+    assert "one class" in metrics["folds"][0]["threshold_from"]
+    assert "one class" in caplog.text
+
+
+def test_multiclass_metrics_per_fold():
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+    rows = []
+    for i in range(30):
+        p = rng.dirichlet([1, 1, 1])
+        rows.append({"slide_id": f"s{i}", "seed": 1, "fold": i % 2, "split": "test" if i % 3 else "val",
+                     "label": classes[i % 3], **{f"prob_{c}": v for c, v in zip(classes, p)}})
+    pred = pd.DataFrame(rows)
+    metrics, out = evaluate_predictions(pred, "classification", classes, n_boot=100)
+    assert metrics["kind"] == "multiclass"
+    test = pred[(pred.fold == 0) & (pred.split == "test")]
+    y = test.label.map(classes.index).to_numpy()
+    m = multiclass_metrics(y, test[[f"prob_{c}" for c in classes]].to_numpy())
+    f0 = metrics["folds"][0]
+    for k in ("auc", "accuracy", "balanced_accuracy", "f1_macro", "kappa"):
+        assert f0[k] == pytest.approx(m[k])
+        lo, hi = f0[f"{k}_ci"]
+        assert lo <= f0[k] + 1e-12 and f0[k] <= hi + 1e-12
+    assert set(out.prediction) <= set(classes)
+
+
+def test_survival_metrics_split_test_at_median_validation_risk():
+    rng = np.random.default_rng(3)
+    rows = []
+    for f in (0, 1):
+        for split, n in (("val", 9), ("test", 14)):
+            for i in range(n):
+                rows.append({"slide_id": f"f{f}{split}{i}", "seed": 7, "fold": f, "split": split,
+                             "risk": rng.normal(), "time": rng.uniform(1, 50), "event": int(rng.integers(0, 2))})
+    pred = pd.DataFrame(rows)
+    pred.loc[pred.split == "test", "event"] = [1, 0] * 14
+    metrics, out = evaluate_predictions(pred, "survival", None, n_boot=100)
+    for k, f in enumerate(metrics["folds"]):
+        val = pred[(pred.fold == k) & (pred.split == "val")]
+        test = pred[(pred.fold == k) & (pred.split == "test")]
+        assert f["risk_threshold"] == pytest.approx(np.median(val.risk))
+        assert f["c_index"] == pytest.approx(concordance_index(test.time, test.event, test.risk))
+        lo, hi = f["c_index_ci"]
+        assert lo <= f["c_index"] <= hi
+        groups = out[(out.fold == k) & (out.split == "test")].risk_group
+        assert (groups == "high").tolist() == (test.risk > f["risk_threshold"]).tolist()
+    assert metrics["km"]["n_high"] + metrics["km"]["n_low"] == 28
+    assert 0 <= metrics["km"]["logrank_p"] <= 1
+
+
+def test_ensemble_is_the_mean_over_models_with_mean_threshold():
+    rows = []
+    for f, ps in enumerate([(0.2, 0.9), (0.4, 0.5), (0.3, 0.7)]):
+        for sid, p in zip(("a", "b"), ps):
+            rows.append({"slide_id": sid, "seed": 1, "fold": f, "split": "external", "label": "tumor",
+                         "prob_normal": 1 - p, "prob_tumor": p})
+    ens = ensemble_predictions(pd.DataFrame(rows), "classification", CLASSES, [0.3, 0.5, 0.4])
+    assert ens.slide_id.tolist() == ["a", "b"]
+    np.testing.assert_allclose(ens.prob_tumor, [0.3, 0.7])
+    assert ens.threshold.iloc[0] == pytest.approx(0.4)
+    assert ens.prediction.tolist() == ["normal", "tumor"] and (ens.fold == "ensemble").all()
+    assert (ens.n_models == 3).all()
+
+
+def test_format_table_has_fold_rows_and_mean_std():
+    metrics, _ = evaluate_predictions(_two_folds(), "classification", CLASSES, n_boot=20)
+    text = format_table(metrics)
+    lines = text.splitlines()
+    assert "auc" in lines[1] and len(lines) == 2 + 2 + 1
+    assert "±" in lines[-1] and "default" in lines[0]
+
+
+def test_parse_heatmaps():
+    assert parse_heatmaps(None) == 0 and parse_heatmaps("3") == 3 and parse_heatmaps("all") is None
+    with pytest.raises(ConfigError, match="heatmaps"):
+        parse_heatmaps("some")
+
+
+# -- end to end: a really trained tiny experiment -----------------------------------------------
+
+PATCH0 = 64  # level-0 patch side of the generated bags
+DIM = 8
+
+
+def _write_cohort(root: Path, ws: Path, ids: list[str], labels: list[str] | None, seed: int,
+                  features_dir: Path, survival: list[tuple[float, int]] | None = None,
+                  with_label_column: bool = True) -> Path:
+    """Generated slides (small pyramidal SVS), their bags and a manifest; returns the manifest path."""
+    from extract.bags import write_bag
+    from extract.synthetic import write_svs
+
+    rng = np.random.default_rng(seed)
+    slides = root / "slides"
+    slides.mkdir(parents=True, exist_ok=True)
+    features_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, sid in enumerate(ids):
+        w, h = (1280, 640) if i % 2 else (960, 720)
+        image = np.full((h, w, 3), 240, np.uint8)
+        coords = np.array([(x, y) for y in range(64, h - PATCH0, PATCH0) for x in range(64, w - PATCH0, PATCH0)])
+        for x, y in coords:
+            image[y:y + PATCH0, x:x + PATCH0] = rng.integers(120, 220, 3)
+        write_svs(slides / f"{sid}.svs", image, mpp=0.5, min_level_px=128)
+        feats = rng.normal(0, 1, (len(coords), DIM)).astype(np.float32)
+        # a few strongly shifted instances make the class (or early events) learnable
+        shift = sorted(set(labels)).index(labels[i]) if labels is not None else int(survival[i][0] < 20)
+        if shift:
+            feats[: max(3, len(coords) // 4), 2 * shift:2 * shift + 2] += 4.0
+        write_bag(features_dir / f"{sid}.h5", feats, coords,
+                  attrs={"backbone": "test", "patch_size_level0": PATCH0, "target_mpp": 0.5})
+        row = [sid, f"slides/{sid}.svs"]
+        if labels is not None and with_label_column:
+            row.append(labels[i])
+        if survival is not None:
+            row += [f"{survival[i][0]:g}", str(survival[i][1])]
+        lines.append(",".join(row))
+    header = ["slide_id", "path"] + (["label"] if labels is not None and with_label_column else []) \
+        + (["time", "event"] if survival is not None else [])
+    manifest = root / "manifest.csv"
+    manifest.write_text(",".join(header) + "\n" + "\n".join(lines) + "\n")
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def binary_experiment(tmp_path_factory):
+    """16 slides, abmil baseline, 2 folds, 4 epochs on the CPU, trained by the real train stage."""
+    from mil.trainer import TrainConfig
+    from pipeline.train_stage import run_training
+
+    root = tmp_path_factory.mktemp("binary")
+    ws = root / "ws"
+    features = ws / "features" / "test_backbone" / "mpp0.50_64px"
+    ids = [f"s{i:02d}" for i in range(16)]
+    labels = ["tumor" if i % 2 else "normal" for i in range(16)]
+    manifest = _write_cohort(root, ws, ids, labels, 0, features)
+    config = TrainConfig(model="abmil", model_kw={"embed_dim": 16, "attn_dim": 8}, epochs=4, folds=2, lr=1e-2,
+                         seeds=(0,), device="cpu", mhim=None, patience=None, val_ratio=0.3)
+    run_training(manifest, ws, features, config, "exp", progress=False)
+    return {"root": root, "ws": ws, "manifest": manifest, "features": features}
+
+
+def _read_outputs(out_dir: Path) -> tuple[dict, pd.DataFrame]:
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    pred = pd.read_csv(out_dir / "predictions.csv", dtype={"slide_id": str, "label": str})
+    return metrics, pred
+
+
+def test_evaluate_binary_metrics_match_saved_predictions(binary_experiment):
+    from pipeline.evaluate_stage import run_evaluation
+
+    ws = binary_experiment["ws"]
+    out = run_evaluation(ws, "exp", heatmaps=2, n_boot=200, device="cpu")
+    assert out == ws / "experiments" / "exp" / "evaluation"
+    metrics, pred = _read_outputs(out)
+    assert metrics["protocol"] == PROTOCOLS["default"] and metrics["task"] == "classification"
+    assert set(metrics) >= {"folds", "mean", "std", "protocol", "task"}
+    assert list(pred.columns[:5]) == ["slide_id", "seed", "fold", "split", "label"]
+    assert {"prob_normal", "prob_tumor", "prediction", "protocol"} <= set(pred.columns)
+    splits = pd.read_csv(ws / "experiments" / "exp" / "splits.csv", dtype={"slide_id": str})
+    assert len(metrics["folds"]) == 2
+    for f in metrics["folds"]:
+        assert set(f) >= {"fold", "seed", "auc", "auc_ci", "accuracy", "balanced_accuracy", "f1", "sensitivity",
+                          "specificity", "threshold", "n_test"}
+        rows = pred[(pred.fold == f["fold"]) & (pred.seed == f["seed"])]
+        val, test = rows[rows.split == "val"], rows[rows.split == "test"]
+        expect = splits[(splits.fold == f["fold"])]
+        assert sorted(test.slide_id) == sorted(expect[expect.split == "test"].slide_id)
+        assert sorted(val.slide_id) == sorted(expect[expect.split == "val"].slide_id)
+        y_val, y_test = (val.label == "tumor").astype(int), (test.label == "tumor").astype(int)
+        thr = youden_threshold(y_val, val.prob_tumor) if y_val.nunique() == 2 else 0.5
+        if math.isinf(thr):  # JSON has no infinity: null, and the reason is recorded
+            assert f["threshold"] is None and "chance" in f["threshold_from"]
+        else:
+            assert f["threshold"] == pytest.approx(thr, rel=1e-6)
+        m = binary_metrics(y_test, test.prob_tumor, thr)
+        for k in ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity"):
+            if m[k] is None or (isinstance(m[k], float) and math.isnan(m[k])):
+                assert f[k] is None
+            else:
+                assert f[k] == pytest.approx(m[k], abs=1e-6)
+                lo, hi = f[f"{k}_ci"]
+                assert lo - 1e-9 <= f[k] <= hi + 1e-9
+        assert f["n_test"] == len(test)
+        np.testing.assert_allclose(test.prob_tumor + test.prob_normal, 1.0, atol=1e-6)
+        assert (test.prediction == np.where(test.prob_tumor >= thr, "tumor", "normal")).all()
+    aucs = [f["auc"] for f in metrics["folds"]]
+    assert metrics["mean"]["auc"] == pytest.approx(np.mean(aucs)) and metrics["std"]["auc"] == pytest.approx(np.std(aucs, ddof=1))
+
+    import cv2
+
+    roc = cv2.imread(str(out / "roc.png"))
+    assert roc is not None and roc.shape[0] > 200
+    # heatmaps: the two test slides with the highest tumour probability, with a gallery each
+    test = pred[pred.split == "test"].sort_values("prob_tumor", ascending=False)
+    top2 = test.slide_id.tolist()[:2]
+    names = sorted(p.name for p in (out / "heatmaps").glob("*.png"))
+    assert names == sorted([f"{s}.png" for s in top2] + [f"{s}_gallery.png" for s in top2])
+    assert (out / "evaluate_config.yaml").is_file()
+
+
+def test_cli_paper_protocol_is_labelled_and_kept_apart(binary_experiment, capsys):
+    from pipeline.cli import main
+
+    ws = binary_experiment["ws"]
+    code = main(["evaluate", "--experiment", "exp", "--workspace", str(ws), "--protocol", "paper",
+                 "--device", "cpu", "-q"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "paper (optimistic" in printed and "mean±std" in printed
+    out = ws / "experiments" / "exp" / "evaluation_paper"
+    metrics, pred = _read_outputs(out)
+    assert metrics["protocol"] == "paper (optimistic: threshold and model selection on the test fold)"
+    assert (pred.protocol == metrics["protocol"]).all()
+    assert set(pred.split) == {"test"}
+    for f in metrics["folds"]:
+        test = pred[pred.fold == f["fold"]]
+        y = (test.label == "tumor").astype(int)
+        if y.nunique() == 2:
+            assert f["threshold"] == pytest.approx(youden_threshold(y, test.prob_tumor), rel=1e-6)
+
+
+def test_missing_fold_is_a_clear_error(binary_experiment, tmp_path):
+    import shutil
+
+    from pipeline.cli import main
+    from pipeline.evaluate_stage import run_evaluation
+
+    ws = tmp_path / "ws"
+    shutil.copytree(binary_experiment["ws"] / "experiments", ws / "experiments")
+    (ws / "experiments" / "exp" / "fold_1" / "best.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"fold 1.*wsi-pipeline train --experiment exp --resume"):
+        run_evaluation(ws, "exp", device="cpu")
+    assert main(["evaluate", "--experiment", "exp", "--workspace", str(ws), "-q"]) == 2
+    # best.pt is there but the fold never finished (killed mid-training): refused as well
+    shutil.copy(ws / "experiments" / "exp" / "fold_0" / "best.pt", ws / "experiments" / "exp" / "fold_1" / "best.pt")
+    (ws / "experiments" / "exp" / "fold_1" / "done.json").unlink()
+    with pytest.raises(CheckpointError, match=r"fold 1 \(unfinished.*--resume"):
+        run_evaluation(ws, "exp", device="cpu")
+    with pytest.raises(CheckpointError, match="no such experiment"):
+        run_evaluation(ws, "nope")
+
+
+def test_experiment_trained_with_paper_protocol_is_never_labelled_default(binary_experiment, tmp_path):
+    import shutil
+
+    import yaml
+
+    from pipeline.evaluate_stage import run_evaluation
+
+    ws = tmp_path / "ws"
+    shutil.copytree(binary_experiment["ws"] / "experiments", ws / "experiments")
+    config_path = ws / "experiments" / "exp" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["train"]["protocol"] = "paper"
+    config_path.write_text(yaml.safe_dump(config))
+    out = run_evaluation(ws, "exp", n_boot=10, device="cpu")
+    assert out.name == "evaluation_paper"
+    assert json.loads((out / "metrics.json").read_text())["protocol"].startswith("paper (optimistic")
+
+
+def test_external_manifest_is_scored_by_every_fold_and_ensembled(binary_experiment):
+    from pipeline.evaluate_stage import run_evaluation
+
+    root, ws = binary_experiment["root"], binary_experiment["ws"]
+    ext_root = root / "external"
+    ids = [f"x{i}" for i in range(6)]
+    labels = ["tumor", "normal"] * 3
+    ext_features = ext_root / "features"
+    manifest = _write_cohort(ext_root, ws, ids, labels, 5, ext_features)
+    internal, _ = _read_outputs(ws / "experiments" / "exp" / "evaluation") if (
+        ws / "experiments" / "exp" / "evaluation" / "metrics.json").is_file() else (None, None)
+    out = run_evaluation(ws, "exp", manifest=manifest, features=ext_features, n_boot=100, device="cpu", heatmaps=1)
+    assert out == ws / "experiments" / "exp" / "evaluation" / "external_manifest"
+    metrics, pred = _read_outputs(out)
+    per_model = pred[pred.fold.astype(str) != "ensemble"]
+    ens = pred[pred.fold.astype(str) == "ensemble"].set_index("slide_id")
+    assert sorted(ens.index) == ids and len(per_model) == 2 * len(ids)
+    mean = per_model.groupby("slide_id").prob_tumor.mean()
+    np.testing.assert_allclose(ens.loc[mean.index, "prob_tumor"], mean, rtol=1e-6)
+    thr = metrics["ensemble_threshold"]
+    assert thr == pytest.approx(np.mean([t for t in metrics["fold_thresholds"] if t is not None]))
+    if internal is not None:
+        assert metrics["fold_thresholds"] == [f["threshold"] for f in internal["folds"]]
+    e = metrics["ensemble"]
+    m = binary_metrics((ens.label == "tumor").astype(int), ens.prob_tumor, thr)
+    assert e["auc"] == pytest.approx(m["auc"]) and e["accuracy"] == pytest.approx(m["accuracy"])
+    assert metrics["protocol"] == PROTOCOLS["default"] and len(metrics["folds"]) == 2
+    assert (out / "roc.png").is_file() and len(list((out / "heatmaps").glob("*.png"))) == 2
+
+    # an external set without labels: predictions only
+    nolab = ext_root / "nolabel.csv"
+    nolab.write_text("slide_id,path\n" + "\n".join(f"{s},slides/{s}.svs" for s in ids) + "\n")
+    out2 = run_evaluation(ws, "exp", manifest=nolab, features=ext_features, n_boot=10, device="cpu")
+    metrics2, pred2 = _read_outputs(out2)
+    assert out2.name == "external_nolabel" and metrics2["labelled"] is False and metrics2["ensemble"] is None
+    assert len(pred2) == 3 * len(ids) and not (out2 / "roc.png").exists()
+
+
+@pytest.fixture(scope="module")
+def survival_experiment(tmp_path_factory):
+    """18 slides with times and events, 2 seeds x 2 folds, 2 epochs."""
+    from mil.trainer import TrainConfig
+    from pipeline.train_stage import run_training
+
+    root = tmp_path_factory.mktemp("survival")
+    ws = root / "ws"
+    features = ws / "features" / "test_backbone" / "mpp0.50_64px"
+    rng = np.random.default_rng(4)
+    ids = [f"p{i:02d}" for i in range(18)]
+    surv = [(float(rng.uniform(2, 60)), int(i % 3 != 0)) for i in range(18)]
+    manifest = _write_cohort(root, ws, ids, None, 1, features, survival=surv)
+    config = TrainConfig(model="abmil", model_kw={"embed_dim": 16, "attn_dim": 8}, task="survival", n_bins=2,
+                         epochs=2, folds=2, seeds=(0, 1), device="cpu", mhim=None, patience=None, val_ratio=0.3)
+    run_training(manifest, ws, features, config, "surv", progress=False)
+    return {"ws": ws}
+
+
+def test_evaluate_survival_cindex_km_and_median_validation_split(survival_experiment):
+    from pipeline.evaluate_stage import run_evaluation
+
+    ws = survival_experiment["ws"]
+    out = run_evaluation(ws, "surv", n_boot=100, device="cpu", heatmaps=1)
+    metrics, pred = _read_outputs(out)
+    assert metrics["task"] == "survival" and len(metrics["folds"]) == 4
+    assert (ws / "experiments" / "surv" / "seed_1" / "fold_1" / "best.pt").is_file()
+    assert {"risk", "surv_bin_0", "surv_bin_1", "time", "event", "risk_group"} <= set(pred.columns)
+    for f in metrics["folds"]:
+        rows = pred[(pred.fold == f["fold"]) & (pred.seed == f["seed"])]
+        val, test = rows[rows.split == "val"], rows[rows.split == "test"]
+        assert f["risk_threshold"] == pytest.approx(np.median(val.risk), rel=1e-6)
+        c = concordance_index(test.time, test.event, test.risk)
+        assert f["c_index"] == pytest.approx(c, abs=1e-9)
+        assert (test.risk_group == np.where(test.risk > f["risk_threshold"], "high", "low")).all()
+    assert metrics["mean"]["c_index"] == pytest.approx(np.mean([f["c_index"] for f in metrics["folds"]]))
+    km = metrics["km"]
+    assert km["seed"] == 0 and km["n_high"] + km["n_low"] == 18
+    assert (out / "km.png").is_file() and not (out / "roc.png").exists()
+    assert len(list((out / "heatmaps").glob("*.png"))) == 2
+
+
+def test_evaluate_multiclass_experiment(tmp_path):
+    from mil.trainer import TrainConfig
+    from pipeline.evaluate_stage import run_evaluation
+    from pipeline.train_stage import run_training
+
+    ws = tmp_path / "ws"
+    features = ws / "features" / "test_backbone" / "mpp0.50_64px"
+    ids = [f"m{i:02d}" for i in range(15)]
+    labels = [("luad", "lusc", "meso")[i % 3] for i in range(15)]
+    manifest = _write_cohort(tmp_path, ws, ids, labels, 2, features)
+    config = TrainConfig(model="abmil", model_kw={"embed_dim": 16, "attn_dim": 8}, epochs=2, folds=2, lr=1e-2,
+                         seeds=(0,), device="cpu", mhim=None, patience=None, val_ratio=0.3)
+    run_training(manifest, ws, features, config, "mc", progress=False)
+    out = run_evaluation(ws, "mc", n_boot=50, device="cpu", heatmaps="all")
+    metrics, pred = _read_outputs(out)
+    assert metrics["kind"] == "multiclass" and metrics["classes"] == ["luad", "lusc", "meso"]
+    for f in metrics["folds"]:
+        test = pred[(pred.fold == f["fold"]) & (pred.split == "test")]
+        cols = ["prob_luad", "prob_lusc", "prob_meso"]
+        m = multiclass_metrics(test.label.map(metrics["classes"].index), test[cols].to_numpy())
+        for k in ("auc", "accuracy", "balanced_accuracy", "f1_macro", "kappa"):
+            assert f[k] == pytest.approx(m[k], abs=1e-6, nan_ok=True) if f[k] is not None else math.isnan(m[k])
+        assert (test.prediction == np.array(metrics["classes"])[test[cols].to_numpy().argmax(1)]).all()
+    n_test = int((pred.split == "test").sum())
+    assert len(list((out / "heatmaps").glob("*_gallery.png"))) == n_test
+    assert not (out / "roc.png").exists()

@@ -42,6 +42,7 @@ import pandas as pd
 
 from extract.errors import BagError, CheckpointError, ConfigError, ManifestError
 
+from .previews import save_png
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -676,18 +677,6 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    from .previews import save_png
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        save_png(tmp, rgb)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_outputs(out_dir: Path, metrics: dict, pred: pd.DataFrame, protocol: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pred.copy()
@@ -714,7 +703,7 @@ def _figures(out_dir: Path, metrics: dict, pred: pd.DataFrame, classes, title: s
         extra = None
         if ensemble is not None and "label" in ensemble:
             extra = (ensemble["label"].astype(str) == classes[1], ensemble[pos].to_numpy(float))
-        _write_png(out_dir / "roc.png", roc_plot(curves, title=f"{title}: ROC ({classes[1]} positive)",
+        save_png(out_dir / "roc.png", roc_plot(curves, title=f"{title}: ROC ({classes[1]} positive)",
                                                  subtitle=subtitle, ensemble=extra))
     elif kind == "survival":
         rows = ensemble if ensemble is not None else _first_seed(pred[pred["split"] == "test"])
@@ -727,7 +716,7 @@ def _figures(out_dir: Path, metrics: dict, pred: pd.DataFrame, classes, title: s
                 how += f" (seed {km.get('seed')})"
         high = (rows["risk_group"] == "high").to_numpy()
         t, e = rows["time"].to_numpy(float), rows["event"].to_numpy(float).astype(int)
-        _write_png(out_dir / "km.png", km_plot(
+        save_png(out_dir / "km.png", km_plot(
             {"high predicted risk": (t[high], e[high]), "low predicted risk": (t[~high], e[~high])},
             p_value=km.get("logrank_p"), title=f"{title}: Kaplan-Meier",
             subtitle=subtitle + "\n" + how))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from extract.errors import ConfigError
+
+from .previews import save_png
 
 __all__ = [
     "rank_normalize",
@@ -361,19 +362,6 @@ def read_patches(slide, coords: np.ndarray, patch_px_level0: float, out_px: int 
     return out
 
 
-def _save_png_atomic(path: Path, rgb: np.ndarray) -> None:
-    from .previews import save_png
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        save_png(tmp, rgb)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_slide_heatmaps(
     slide_path: str | Path,
     coords: np.ndarray,
@@ -423,6 +411,6 @@ def write_slide_heatmaps(
         )
     heat_path = out_dir / f"{slide_id}.png"
     gallery_path = out_dir / f"{slide_id}_gallery.png"
-    _save_png_atomic(heat_path, heat)
-    _save_png_atomic(gallery_path, gallery)
+    save_png(heat_path, heat)
+    save_png(gallery_path, gallery)
     return heat_path, gallery_path

@@ -74,9 +74,17 @@ def draw_preview(
 
 
 def save_png(path: Path, rgb: np.ndarray) -> None:
-    """Write an RGB image as PNG (the caller picks a temporary name and renames)."""
+    """Write an RGB image as PNG, atomically: a reader never sees half a picture."""
+    import os
+
     import cv2
 
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    try:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {path}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

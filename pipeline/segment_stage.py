@@ -12,7 +12,7 @@ from extract.errors import ConfigError, SlideError
 
 from .config import SegmentConfig, dump_yaml, resolve_stage
 from .manifest import load_manifest, parse_shard
-from .runner import SlideOutcome, check_stage_params, run_slides, temp_path_for
+from .runner import SlideOutcome, check_stage_params, run_slides
 from .workspace import Workspace, fingerprint, seg_tag
 
 log = logging.getLogger(__name__)
@@ -121,13 +121,7 @@ def _write_preview(slide, image, scale, tissue, coords, patch0, slide_id, path: 
         image, scale = slide.thumbnail(max(1.0, max(slide.dimensions) / 1200))
     mpp_text = f", {slide_mpp:.3f} um/px" if slide_mpp else ""
     caption = f"{slide_id}: {len(coords)} patches of {patch0} px{mpp_text}"
-    rgb = draw_preview(image, scale, tissue.contours, tissue.holes, coords, patch0, caption)
-    tmp = temp_path_for(path).with_suffix(".png")
-    try:
-        save_png(tmp, rgb)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_png(path, draw_preview(image, scale, tissue.contours, tissue.holes, coords, patch0, caption))
 
 
 def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, shard: str | None = None,

@@ -9,6 +9,7 @@ one hook, :meth:`MILModel.training_loss`, and so needs no per-model branches.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, ClassVar
 
@@ -131,7 +132,7 @@ def bag_classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch
 # --------------------------------------------------------------------------------------------
 
 
-class MILModel(nn.Module):
+class MILModel(nn.Module, abc.ABC):
     """Base class of every MIL student.
 
     Subclasses implement
@@ -171,9 +172,9 @@ class MILModel(nn.Module):
 
     # ---------------------------------------------------------------- contract entry points
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, D] -> [B, N, H]`` per-instance embedding."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         """Run the student on a bag batch.
@@ -235,15 +236,13 @@ class MILModel(nn.Module):
 
     # ---------------------------------------------------------------- to implement
 
-    def _aggregate(
-        self, h: torch.Tensor, mask: torch.Tensor | None
-    ) -> MILOutput:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _aggregate(self, h: torch.Tensor, mask: torch.Tensor | None) -> MILOutput:
+        """Pool embeddings ``[B, N, H]`` (``mask`` [B, N] True = valid) into a MILOutput."""
 
-    def _instance_class_prob(
-        self, h: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _instance_class_prob(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """MHIM-v2 class-aware probability ``[B, N]`` of each instance."""
 
     # ---------------------------------------------------------------- input checks
 

@@ -229,7 +229,8 @@ class Tissue:
         return (
             f"no tissue kept by the area filter (a_t = {a_t:g} -> {self.min_area_px:.0f} px at the "
             f"segmentation level, {level0 / 1e6:.1f} M level-0 px): {self.n_raw_contours} region(s) "
-            "found, all smaller; use a preset with a smaller a_t (e.g. bwh_biopsy) for small tissue"
+            "found, all smaller; lower --a-t"
+            + ("" if a_t <= 1 else " or use a preset with a smaller a_t (e.g. bwh_biopsy) for small tissue")
         )
 
 

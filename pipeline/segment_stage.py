@@ -98,12 +98,14 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
             "format_version": FORMAT_VERSION,
         }
         write_coords(tmp_path, coords, attrs)
+        mpp_source = slide.mpp_source
         if preview_path is not None:
             _write_preview(slide, image, scale, tissue, coords, patch0, row.slide_id, preview_path, slide_mpp)
 
     n = int(len(coords))
+    mpp_text = f"mpp {slide_mpp:.4f} from {mpp_source}" if slide_mpp else "no mpp (level-based tiling)"
     if n:
-        return SlideOutcome("done", f"{len(tissue.contours)} contour(s)", patches=n)
+        return SlideOutcome("done", f"{len(tissue.contours)} contour(s); {mpp_text}", patches=n)
     return SlideOutcome("empty", _why_empty(tissue, patch0), patches=0)
 
 

@@ -559,7 +559,9 @@ def predict_bags(
             logits.append(out.logits[0].float())
             extra = {}
             if instance_scores:
-                extra["instance_scores"] = out.instance_scores[0].float().cpu().numpy()
+                # With grn_at_test the GRN's k tokens are appended after the N instances: keep
+                # the instances' scores only, one per patch coordinate.
+                extra["instance_scores"] = out.instance_scores[0, : x.shape[-2]].float().cpu().numpy()
                 att = (out.extras or {}).get("attention") if hasattr(out, "extras") else None
                 if isinstance(att, torch.Tensor) and att.dim() >= 2 and att.shape[-1] == x.shape[-2]:
                     extra["attention"] = att.reshape(-1, att.shape[-1])[0].float().cpu().numpy()

@@ -131,6 +131,8 @@ class TrainConfig:
         'balanced_accuracy' or 'loss'.
     protocol : 'default' (validation carved from training) or 'paper' (validation = the test
         fold, as the official MHIM-MIL CAMELYON16 code: optimistic, for comparison only).
+    class_weights : 'none' or 'balanced' (classification: cross-entropy weights
+        ``n / (C * n_c)`` from the training split, so a minority subtype is not ignored).
     """
 
     model: str = "abmil"
@@ -155,6 +157,7 @@ class TrainConfig:
     student_init: str = "none"
     selection: str = "auto"
     protocol: str = "default"
+    class_weights: str = "none"
 
     def __post_init__(self) -> None:
         from mil.models import list_models
@@ -198,7 +201,7 @@ class TrainConfig:
             raise _bad("seeds", "distinct seeds", self.seeds)
         for name, choices in (("scheduler", ("cosine", "none")), ("precision", PRECISIONS),
                               ("student_init", ("none", "fc", "all")), ("selection", SELECTION_METRICS),
-                              ("protocol", ("default", "paper"))):
+                              ("protocol", ("default", "paper")), ("class_weights", ("none", "balanced"))):
             if getattr(self, name) not in choices:
                 raise _bad(name, f"one of {', '.join(choices)}", getattr(self, name))
         if not isinstance(self.device, str) or not (
@@ -252,6 +255,23 @@ class TrainConfig:
     def baseline(self) -> "TrainConfig":
         """The same settings without MHIM: what ``teacher_init: auto`` trains first."""
         return dataclasses.replace(self, mhim=None, teacher_init="none", student_init="none")
+
+
+def balanced_class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
+    """``n / (C * n_c)`` per class from integer training labels (absent classes get ``n / C``)."""
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=n_classes).float()
+    return counts.sum() / (n_classes * counts.clamp(min=1))
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                           weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over bags of ``weight[y] * CE(logits, y)``; ``logits`` [B, C], ``target`` [B].
+
+    Not ``F.cross_entropy(weight=...)``: its mean divides by the summed weights, which cancels
+    them exactly for the usual batch of one bag.
+    """
+    loss = F.cross_entropy(logits.float(), target, reduction="none")
+    return (loss * weight[target]).mean() if weight is not None else loss.mean()
 
 
 def config_fingerprint(config: TrainConfig, split: Mapping[str, Sequence[str]] | None = None) -> str:
@@ -810,8 +830,13 @@ def train_fold(
         tgt = {s: torch.tensor([targets.y[s]], dtype=torch.long, device=device) for s in train_ids}
         classes = list(targets.labels.classes)
 
+        weight = None
+        if config.class_weights == "balanced":
+            weight = balanced_class_weights([targets.y[s] for s in train_ids], n_out).to(device)
+            log.info("%s: balanced class weights %s", fold_dir, [round(w, 3) for w in weight.tolist()])
+
         def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(logits.float(), target)
+            return weighted_cross_entropy(logits, target, weight)
     else:
         from mil.survival import assign_bins, make_time_bins, nll_survival_loss
 

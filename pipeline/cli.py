@@ -128,8 +128,13 @@ def setup_logging(verbose: int = 0, quiet: bool = False, log_file: Path | None =
 def main(argv: list[str] | None = None) -> int:
     from extract.errors import PipelineError
 
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # the bare command: show what it can do rather than a one-line usage error
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)
+    args.argv = argv
     setup_logging(args.verbose, args.quiet)
     try:
         if args.command == "make-demo":

@@ -8,6 +8,7 @@ resolved configuration is written next to every output.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -41,9 +42,12 @@ def from_dict(cls, data: dict | None, where: str = ""):
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
+        named = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            named.append(repr(f"{where}{key}") + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ConfigError(
-            f"unknown key(s) {', '.join(repr(where + k) for k in unknown)}; valid keys here: "
-            f"{', '.join(sorted(known))}"
+            f"unknown key(s) {', '.join(named)}; valid keys here: {', '.join(sorted(known))}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -146,7 +150,7 @@ class SegmentConfig:
 
     def __post_init__(self):
         if self.patch_px < 16:
-            raise ConfigError(f"The 'patch_px' parameter must be >= 16. Got {self.patch_px} instead.")
+            raise ConfigError(f"The 'patch_px' parameter (--patch-size) must be >= 16. Got {self.patch_px} instead.")
         if self.target_mpp <= 0:
             raise ConfigError(f"The 'target_mpp' parameter must be > 0 micrometres. Got {self.target_mpp} instead.")
         if self.patch_level is not None and self.patch_level < 0:
@@ -213,7 +217,12 @@ def resolve_stage(args, section_name: str, section_cls, flag_names: tuple[str, .
                 f"{args.config}: unknown top-level key(s) {', '.join(map(repr, unknown))}; valid: "
                 f"{', '.join(sorted(allowed))}"
             )
-    section = from_dict(section_cls, raw.get(section_name), where=f"{section_name}.")
+    try:
+        section = from_dict(section_cls, raw.get(section_name), where=f"{section_name}.")
+    except ConfigError as exc:
+        if getattr(args, "config", None) is None:
+            raise
+        raise ConfigError(f"{args.config}: {exc}") from exc
     flags = {name: getattr(args, name, None) for name in flag_names}
     try:
         section = override(section, **flags)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from extract.errors import BagError, CheckpointError, ConfigError, ManifestError
+from extract.errors import BagError, CheckpointError, ConfigError, ManifestError, PipelineError
 
 from .previews import save_png
 from .workspace import Workspace
@@ -494,10 +494,12 @@ def load_experiment(ws: Workspace, name: str) -> Experiment:
     exp_dir = ws.experiment_dir(name)
     if not exp_dir.is_dir():
         found = sorted(p.name for p in exp_dir.parent.iterdir() if p.is_dir()) if exp_dir.parent.is_dir() else []
-        raise CheckpointError(
-            f"{exp_dir}: no such experiment (found: {', '.join(found) or 'none'}); train it first with "
-            f"`wsi-pipeline train --experiment {name}` or pick one of those"
-        )
+        if found:
+            hint = f"pick one of {', '.join(found)}, or train it first with `wsi-pipeline train --experiment {name}`"
+        else:
+            hint = (f"there are no experiments under {exp_dir.parent}; check --workspace, or train it first "
+                    f"with `wsi-pipeline train --experiment {name}`")
+        raise CheckpointError(f"{exp_dir}: no such experiment; {hint}")
     config: dict = {}
     if (exp_dir / "config.yaml").is_file():
         config = yaml.safe_load((exp_dir / "config.yaml").read_text()) or {}
@@ -774,9 +776,12 @@ def _heatmaps(ws: Workspace, out_dir: Path, chosen: list[dict], features_dir: Pa
         if coords is None or len(coords) != len(item["scores"]):
             log.warning("heatmap of %s skipped: the bag has no coordinates matching its instances", sid)
             continue
-        patch0 = _patch_size_level0(ws, features_dir, sid, find_bag(features_dir, sid), coords)
-        written += write_slide_heatmaps(row.path, coords, item["scores"], patch0, out_dir / "heatmaps",
-                                        sid, title=item["title"] + tag, mpp=row.mpp, k=k, cmap=cmap)
+        try:
+            patch0 = _patch_size_level0(ws, features_dir, sid, find_bag(features_dir, sid), coords)
+            written += write_slide_heatmaps(row.path, coords, item["scores"], patch0, out_dir / "heatmaps",
+                                            sid, title=item["title"] + tag, mpp=row.mpp, k=k, cmap=cmap)
+        except PipelineError as exc:  # a picture that cannot be drawn never loses the metrics
+            log.warning("heatmap of %s skipped: %s", sid, str(exc).splitlines()[0])
     return written
 
 
@@ -874,6 +879,8 @@ def run_evaluation(
     dev = resolve_device(device or "auto")
 
     manifest_path = Path(manifest).resolve() if manifest is not None else None
+    if manifest_path is not None and not manifest_path.is_file():
+        raise ManifestError(f"{manifest}: manifest not found; pass an existing CSV with --manifest")
     features_dir = Path(features).resolve() if features is not None else None
     external = (manifest_path is not None and features_dir is not None
                 and (exp.manifest_path is None or manifest_path != exp.manifest_path.resolve()))
@@ -902,7 +909,10 @@ def run_evaluation(
         log.warning("%d slide(s) of the splits have no bag and are left out: %s", len(missing), ", ".join(missing[:20]))
     unlabelled = [s for s in need if s in bags and s not in own_truth]
     if unlabelled:
-        raise ManifestError(f"{own_manifest_path}: no ground truth for {len(unlabelled)} split slide(s): {', '.join(unlabelled[:20])}")
+        hint = ("pass the manifest the experiment was trained on, or add --features for an external test set"
+                if manifest_path is not None and not external else "add their labels to the manifest")
+        raise ManifestError(f"{own_manifest_path}: no ground truth for {len(unlabelled)} slide(s) of the experiment's "
+                            f"splits ({', '.join(unlabelled[:20])}); {hint}")
     records: list[dict] = []
     instance: dict[tuple, np.ndarray] = {}
     for unit in exp.units:

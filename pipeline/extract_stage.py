@@ -9,6 +9,7 @@ on CPU.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -25,7 +26,8 @@ from extract.errors import ConfigError, SlideError
 
 from .config import ExtractConfig, dump_yaml, resolve_stage
 from .manifest import load_manifest, parse_shard
-from .runner import SlideOutcome, check_stage_params, run_slides
+from .runner import (SlideOutcome, StatusFile, _pid_alive, check_stage_params, run_slides,
+                     temp_path_for)
 from .workspace import Workspace, fingerprint
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,13 @@ class Extractor:
     def create(cls, config: ExtractConfig) -> "Extractor":
         import torch
 
-        from extract.backbones import create_backbone
+        from extract.backbones import create_backbone, list_backbones
 
+        if config.backbone not in list_backbones() and not config.backbone.startswith("timm:"):
+            raise ConfigError(
+                f"The 'backbone' parameter must be one of {', '.join(list_backbones())} or timm:<model name> "
+                f"(see `wsi-pipeline extract --list-backbones`). Got {config.backbone!r} instead."
+            )
         device = select_device(config.device)
         # 'random' must mean the same weights in every process and rerun (shards, GPUs,
         # resumes), or bags of one folder would not share a feature space.
@@ -119,13 +126,20 @@ class Extractor:
 
 
 def extract_slide(row, tmp_path: Path, coords_path: Path, extractor: Extractor, config: ExtractConfig,
-                  progress: bool = False) -> SlideOutcome:
-    """Read the patches of one slide, embed them and write its bag to ``tmp_path``."""
+                  progress: bool = False, seg_status: dict | None = None) -> SlideOutcome:
+    """Read the patches of one slide, embed them and write its bag to ``tmp_path``.
+
+    ``seg_status`` is the segment stage's status.csv row of the slide, quoted when it has no
+    coordinates file (the reason it failed there is what the user needs to see).
+    """
     from extract.bags import write_bag
     from extract.coords_file import read_coords
     from extract.patch_reader import iter_patch_batches
 
     if not coords_path.is_file():
+        if seg_status and seg_status.get("state") in ("failed", "refused"):
+            raise SlideError(f"{row.slide_id}: segmentation {seg_status['state']} ({seg_status.get('message', '')}); "
+                             "fix that and rerun `wsi-pipeline segment`")
         raise SlideError(f"{row.slide_id}: no coordinates at {coords_path}; run `wsi-pipeline segment` first "
                          "(or check its status.csv for why this slide failed)")
     coords, cattrs = read_coords(coords_path)
@@ -191,7 +205,7 @@ def find_seg_tag(ws: Workspace, wanted: str | None) -> str:
     if wanted:
         if wanted not in tags:
             raise ConfigError(f"no segmentation '{wanted}' in {ws.root / 'segment'} (found: {', '.join(tags) or 'none'}); "
-                              "run `wsi-pipeline segment` first or pass --seg-tag")
+                              + ("pass one of those with --seg-tag" if tags else "run `wsi-pipeline segment` first"))
         return wanted
     if len(tags) == 1:
         return tags[0]
@@ -211,7 +225,12 @@ def run_extract(manifest_path: Path, workspace: Path, config: ExtractConfig, sha
     manifest = manifest.shard(*parse_shard(shard))
     ws = Workspace(workspace)
     tag = find_seg_tag(ws, config.seg_tag)
-    seg_params = json.loads((ws.segment_dir(tag) / "params.json").read_text()).get("fingerprint", "")
+    seg_record = ws.segment_dir(tag) / "params.json"
+    try:
+        seg_params = json.loads(seg_record.read_text()).get("fingerprint", "")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{seg_record}: missing or unreadable, so {ws.segment_dir(tag)} is not a finished "
+                          "segmentation; rerun `wsi-pipeline segment` with the same parameters") from exc
 
     extractor = Extractor.create(config)  # fails here, before any slide, if weights are missing
     bb = extractor.config
@@ -222,11 +241,15 @@ def run_extract(manifest_path: Path, workspace: Path, config: ExtractConfig, sha
     digest = fingerprint(record)
     check_stage_params(out_dir, record, digest, overwrite)
     dump_yaml(config, out_dir / "config.yaml")
-    log.info("extracting with %s (%s, %d-d) on %s, autocast %s -> %s", bb.name, bb.weights_id,
-             bb.feature_dim, extractor.device, extractor.amp_dtype, out_dir)
+    precision = str(extractor.amp_dtype).replace("torch.", "") if extractor.amp_dtype else "float32"
+    log.info("extracting with %s (%s, %d-d) on %s in %s -> %s", bb.name, bb.weights_id,
+             bb.feature_dim, extractor.device, precision, out_dir)
+
+    seg_statuses = StatusFile(ws.segment_dir(tag) / "status.csv").read()
 
     def work(row, tmp):
-        return extract_slide(row, tmp, ws.coords_path(tag, row.slide_id), extractor, config, progress)
+        return extract_slide(row, tmp, ws.coords_path(tag, row.slide_id), extractor, config, progress,
+                             seg_status=seg_statuses.get(row.slide_id))
 
     summary = run_slides("extract", manifest.rows, out_dir, lambda r: ws.bag_path(btag, tag, r.slide_id),
                          digest, work, overwrite=overwrite, progress=progress)
@@ -237,10 +260,22 @@ def run_extract(manifest_path: Path, workspace: Path, config: ExtractConfig, sha
             bag = ws.bag_path(btag, tag, row.slide_id)
             pt = pt_dir / f"{row.slide_id}.pt"
             if bag.is_file() and (not pt.is_file() or pt.stat().st_mtime < bag.stat().st_mtime):
-                tmp = pt.with_name(f".{pt.name}.tmp-{os.getpid()}")
+                _remove_dead_leftovers(pt)
+                tmp = temp_path_for(pt)
                 export_pt(bag, tmp)
                 os.replace(tmp, pt)
     return summary, out_dir
+
+
+def _remove_dead_leftovers(final: Path) -> None:
+    """Delete the temporary files of ``final`` left by killed processes of this host."""
+    import socket
+
+    prefix = f".{final.name}.tmp-{socket.gethostname()}-"
+    for leftover in final.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = leftover.name[len(prefix):]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
 
 
 def _spawn_per_device(args, devices: str) -> int:
@@ -248,6 +283,15 @@ def _spawn_per_device(args, devices: str) -> int:
     indices = [d.strip() for d in devices.split(",") if d.strip()]
     if not indices or not all(d.isdigit() for d in indices):
         raise ConfigError(f"The '--devices' parameter must be comma-separated GPU indices like 0,1. Got {devices!r} instead.")
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    absent = [d for d in indices if int(d) >= available]
+    if absent:
+        raise ConfigError(
+            f"--devices {devices}: this machine has {available} CUDA device(s), none with index "
+            f"{', '.join(absent)}; {'use --device cpu' if not available else f'use indices below {available}'}"
+        )
     argv = list(getattr(args, "argv", None) or sys.argv[1:])
     cleaned, skip = [], False
     for a in argv:

@@ -92,17 +92,30 @@ def load_manifest(
     check_files : whether a ``path`` that does not exist is an error.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder; pass the manifest CSV file inside it with --manifest")
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found; pass an existing CSV with --manifest")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except pd.errors.EmptyDataError as exc:
+        raise ManifestError(f"{path}: the file is empty; the first line must be a header such as "
+                            "'slide_id,path,label'") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: not a readable CSV ({exc})") from exc
     table.columns = [str(c).strip() for c in table.columns]
     columns = tuple(table.columns)
 
     problems: list[str] = []
     if "slide_id" not in columns:
+        if len(columns) == 1 and any(sep in columns[0] for sep in (";", "\t")):
+            sep = "';'" if ";" in columns[0] else "tabs"
+            raise ManifestError(f"{path}: the columns are separated by {sep}; save the manifest as a "
+                                "comma-separated CSV (header such as 'slide_id,path,label')")
+        lowered = [c for c in columns if c.lower() in KNOWN_COLUMNS and c not in KNOWN_COLUMNS]
+        if any(c.lower() == "slide_id" for c in lowered):
+            raise ManifestError(f"{path}: column names must be lower case; rename "
+                                + ", ".join(f"'{c}' to '{c.lower()}'" for c in lowered))
         # A header-less CSV shows up as a first slide used as the header; say so rather than
         # silently losing that row (a known trap of the official MHIM code).
         raise ManifestError(

@@ -13,6 +13,8 @@ import numpy as np
 TISSUE = (0, 200, 0)
 HOLE = (30, 60, 255)
 PATCH = (255, 210, 0)
+#: Smallest long side of a preview: thumbnails of tiny slides are enlarged to at least this.
+MIN_LONG_PX = 480
 
 
 def draw_preview(
@@ -38,6 +40,11 @@ def draw_preview(
 
     canvas = np.ascontiguousarray(image.copy())
     sx, sy = scale
+    long_side = max(canvas.shape[:2])
+    if 0 < long_side < MIN_LONG_PX:  # a 16-px slide must still be a picture one can look at
+        f = int(np.ceil(MIN_LONG_PX / long_side))
+        canvas = cv2.resize(canvas, (canvas.shape[1] * f, canvas.shape[0] * f), interpolation=cv2.INTER_NEAREST)
+        sx, sy = sx / f, sy / f
     thick = max(1, round(max(canvas.shape[:2]) / 600))
 
     if len(coords):
@@ -67,8 +74,14 @@ def draw_preview(
         band = max(18, canvas.shape[1] // 40)
         header = np.full((band + 8, canvas.shape[1], 3), 255, np.uint8)
         font_scale = band / 30
+        thick = max(1, int(font_scale * 1.5))
+        (text_w, _), _ = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
+        if text_w + 8 > canvas.shape[1]:  # a narrow slide: widen the picture, never cut the caption
+            pad = np.full((canvas.shape[0], text_w + 8 - canvas.shape[1], 3), 255, np.uint8)
+            canvas = np.hstack([canvas, pad])
+            header = np.full((band + 8, canvas.shape[1], 3), 255, np.uint8)
         cv2.putText(header, caption, (4, band), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
-                    max(1, int(font_scale * 1.5)), cv2.LINE_AA)
+                    thick, cv2.LINE_AA)
         canvas = np.vstack([header, canvas])
     return canvas
 

@@ -40,13 +40,36 @@ def run_command(args) -> int:
             return 1
         return None
 
+    # Every section is checked before any slide is touched: a typo in 'train:' must not
+    # surface only after hours of segmentation and extraction.
+    try:
+        ext = from_dict(ExtractConfig, raw.get("extract"), where="extract.")
+        from .train_stage import resolve_train_config
+
+        train_config, recipe = resolve_train_config(train_section, base, {})
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from exc
+    ev = dict(raw.get("evaluate") or {})
+    unknown = sorted(set(ev) - {"protocol", "heatmaps", "device"})
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown key(s) in 'evaluate': {', '.join(unknown)}; "
+                          "valid: protocol, heatmaps, device")
+    from .evaluate_stage import PROTOCOLS, parse_heatmaps
+
+    try:
+        parse_heatmaps(ev.get("heatmaps", 0))
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from exc
+    if ev.get("protocol", "default") not in PROTOCOLS:
+        raise ConfigError(f"{args.config}: The 'evaluate.protocol' key must be one of {', '.join(PROTOCOLS)}. "
+                          f"Got {ev['protocol']!r} instead.")
+
     print("== 1/4 segment")
     summary, tag = run_segment(seg.manifest, seg.workspace, seg.section, args.shard, overwrite, progress=progress)
     if (code := stop_if_failed(summary, "segment")) is not None:
         return code
 
     print("== 2/4 extract")
-    ext = from_dict(ExtractConfig, raw.get("extract"), where="extract.")
     if ext.seg_tag is None:
         import dataclasses
         ext = dataclasses.replace(ext, seg_tag=tag)
@@ -58,9 +81,8 @@ def run_command(args) -> int:
         return 0
 
     print("== 3/4 train")
-    from .train_stage import experiment_name, resolve_train_config, run_training
+    from .train_stage import experiment_name, run_training
 
-    train_config, recipe = resolve_train_config(train_section, base, {})
     experiment = experiment_name(train_section, raw, recipe, train_config)
     exp_dir = run_training(seg.manifest, seg.workspace, features_dir, train_config, experiment,
                            resume=True, allow_missing=allow_missing, progress=progress)
@@ -68,11 +90,6 @@ def run_command(args) -> int:
     print("== 4/4 evaluate")
     from .evaluate_stage import run_evaluation
 
-    ev = dict(raw.get("evaluate") or {})
-    unknown = sorted(set(ev) - {"protocol", "heatmaps", "device"})
-    if unknown:
-        raise ConfigError(f"{args.config}: unknown key(s) in 'evaluate': {', '.join(unknown)}; "
-                          "valid: protocol, heatmaps, device")
     eval_dir = run_evaluation(seg.workspace, experiment, protocol=ev.get("protocol", "default"),
                               heatmaps=ev.get("heatmaps", 0), device=ev.get("device", "auto"))
 

@@ -94,6 +94,9 @@ class BatchSummary:
             width = max(len(s.slide_id) for s in self.failed)
             lines.append("  slides that need attention:")
             lines += [f"    {s.slide_id:<{width}}  {s.state:<7}  {s.message}" for s in self.failed]
+        if self.count("locked"):
+            lines.append(f"  {self.count('locked')} slide(s) were being processed by another process; "
+                         "rerun this command once it has finished to check they are done")
         empties = [s for s in self.statuses if s.state == "empty"]
         if empties:
             lines.append("  slides with no patches (status 'empty'):")
@@ -269,6 +272,9 @@ class StatusFile:
                 "pid": os.getpid(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
+            # Under the lock, any other temporary status file is a killed writer's leftover.
+            for leftover in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+                leftover.unlink(missing_ok=True)
             tmp = temp_path_for(self.path)
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=STATUS_FIELDS, extrasaction="ignore")

@@ -99,6 +99,7 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
         }
         write_coords(tmp_path, coords, attrs)
         mpp_source = slide.mpp_source
+        slide_wh = tuple(slide.dimensions)
         if preview_path is not None:
             _write_preview(slide, image, scale, tissue, coords, patch0, row.slide_id, preview_path, slide_mpp)
 
@@ -106,13 +107,16 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
     mpp_text = f"mpp {slide_mpp:.4f} from {mpp_source}" if slide_mpp else "no mpp (level-based tiling)"
     if n:
         return SlideOutcome("done", f"{len(tissue.contours)} contour(s); {mpp_text}", patches=n)
-    return SlideOutcome("empty", _why_empty(tissue, patch0), patches=0)
+    return SlideOutcome("empty", _why_empty(tissue, patch0, slide_wh), patches=0)
 
 
-def _why_empty(tissue, patch0: int) -> str:
+def _why_empty(tissue, patch0: int, slide_wh: tuple[int, int] | None = None) -> str:
+    small = ""
+    if slide_wh is not None and min(slide_wh) < patch0:
+        small = f"the slide ({slide_wh[0]}x{slide_wh[1]} px) is smaller than one patch ({patch0} level-0 px); "
     if tissue.is_empty:
-        return tissue.describe_empty()
-    return f"tissue found but smaller than one patch ({patch0} level-0 px)"
+        return small + tissue.describe_empty()
+    return small or f"tissue found but smaller than one patch ({patch0} level-0 px)"
 
 
 def _write_preview(slide, image, scale, tissue, coords, patch0, slide_id, path: Path, slide_mpp) -> None:
@@ -122,7 +126,7 @@ def _write_preview(slide, image, scale, tissue, coords, patch0, slide_id, path: 
     if max(image.shape[:2]) < 800 and max(slide.dimensions) > max(image.shape[:2]):
         image, scale = slide.thumbnail(max(1.0, max(slide.dimensions) / 1200))
     mpp_text = f", {slide_mpp:.3f} um/px" if slide_mpp else ""
-    caption = f"{slide_id}: {len(coords)} patches of {patch0} px{mpp_text}"
+    caption = f"{slide_id}: {len(coords)} patches of {patch0} level-0 px{mpp_text}"
     save_png(path, draw_preview(image, scale, tissue.contours, tissue.holes, coords, patch0, caption))
 
 
@@ -146,6 +150,9 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
 
     def work(row, tmp):
         preview = ws.preview_path(tag, row.slide_id) if config.previews else None
+        if preview is not None:  # the half-written picture of a killed run (we hold the slide's lock)
+            for leftover in preview.parent.glob(f".{preview.stem}.tmp*.png"):
+                leftover.unlink(missing_ok=True)
         return segment_slide(row, tmp, config, preview, default_mpp=slide_mpp)
 
     summary = run_slides("segment", manifest.rows, out_dir, lambda r: ws.coords_path(tag, r.slide_id),
@@ -160,5 +167,8 @@ def segment_command(args) -> int:
                                progress=not args.quiet)
     out_dir = Workspace(inputs.workspace).segment_dir(tag)
     print(summary.table())
-    print(f"coordinates: {out_dir / 'coords'}\npreviews:    {out_dir / 'previews'}\nstatus:      {out_dir / 'status.csv'}")
+    print(f"coordinates: {out_dir / 'coords'}")
+    if inputs.section.previews:
+        print(f"previews:    {out_dir / 'previews'}")
+    print(f"status:      {out_dir / 'status.csv'}")
     return summary.exit_code

@@ -457,3 +457,36 @@ def test_evaluate_multiclass_experiment(tmp_path):
     n_test = int((pred.split == "test").sum())
     assert len(list((out / "heatmaps").glob("*_gallery.png"))) == n_test
     assert not (out / "roc.png").exists()
+
+
+def test_heatmap_of_a_moved_slide_is_skipped_and_the_metrics_are_still_reported(binary_experiment, tmp_path, capsys):
+    import shutil
+
+    from pipeline.cli import main
+
+    ws = tmp_path / "ws"
+    shutil.copytree(binary_experiment["ws"] / "experiments", ws / "experiments")
+    moved = tmp_path / "moved.csv"  # same slides and labels, files no longer where the manifest says
+    lines = binary_experiment["manifest"].read_text().splitlines()
+    moved.write_text("\n".join([lines[0]] + [l.replace("slides/", "gone/") for l in lines[1:]]) + "\n")
+    code = main(["evaluate", "--experiment", "exp", "--workspace", str(ws), "--manifest", str(moved),
+                 "--heatmaps", "2", "--device", "cpu", "-q"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "mean±std" in captured.out and "metrics:" in captured.out
+    assert captured.err.count("heatmap of ") == 2 and "file not found" in captured.err
+    assert (ws / "experiments" / "exp" / "evaluation" / "metrics.json").is_file()
+
+
+def test_evaluate_mistakes_say_what_to_do(binary_experiment, tmp_path, capsys):
+    from pipeline.cli import main
+
+    ws = binary_experiment["ws"]
+    assert main(["evaluate", "--experiment", "exp", "--workspace", str(tmp_path / "elsewhere"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "no experiments under" in err and "check --workspace" in err
+    assert main(["evaluate", "--experiment", "exq", "--workspace", str(ws), "-q"]) == 2
+    assert "no such experiment; pick one of exp" in capsys.readouterr().err
+    missing = tmp_path / "missing.csv"
+    assert main(["evaluate", "--experiment", "exp", "--workspace", str(ws), "--manifest", str(missing), "-q"]) == 2
+    assert f"{missing}: manifest not found; pass an existing CSV with --manifest" in capsys.readouterr().err

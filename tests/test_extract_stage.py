@@ -119,3 +119,43 @@ def test_a_killed_run_resumes_without_redoing_finished_slides(cohort):
     for bag in bags:
         b = read_bag(bag)
         assert b.features.shape[0] == len(b.coords) > 0
+
+
+def test_slide_that_failed_segmentation_says_why_in_extract(tmp_path, slides_dir, capsys):
+    m = tmp_path / "m.csv"
+    m.write_text(f"slide_id,path\ndicom,{slides_dir / 'unopenable_tcga_dicom.dcm'}\n")
+    ws = tmp_path / "ws"
+    assert main(["segment", "--manifest", str(m), "--workspace", str(ws), "--patch-level", "0", "-q"]) == 1
+    code = main(["extract", "--manifest", str(m), "--workspace", str(ws), "--backbone", "resnet18",
+                 "--weights", "random", "--num-workers", "0", "-q"])
+    assert code == 1
+    st = status(ws / "features" / "resnet18-random" / "level0_256px")
+    message = st["dicom"]["message"]
+    assert message.startswith("dicom: segmentation failed (") and "OpenSlide cannot open" in message
+    assert "rerun `wsi-pipeline segment`" in message
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--backbone", "resnet99"], "The 'backbone' parameter must be one of resnet18, resnet50, resnet50_trunc "
+                                 "or timm:<model name> (see `wsi-pipeline extract --list-backbones`). "
+                                 "Got 'resnet99' instead."),
+    (["--seg-tag", "mpp0.25_256px"], "pass one of those with --seg-tag"),
+])
+def test_extract_mistakes_are_one_line_naming_the_flag(cmu_workspace, capsys, flags, expected):
+    m, ws = cmu_workspace
+    code = main(["extract", "--manifest", str(m), "--workspace", str(ws), "--weights", "random", "-q", *flags])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert expected in line
+
+
+def test_devices_that_do_not_exist_are_refused_before_starting_processes(cmu_workspace, capsys):
+    import torch
+
+    m, ws = cmu_workspace
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    code = main(["extract", "--manifest", str(m), "--workspace", str(ws), "--weights", "random",
+                 "--devices", f"{n},{n + 1}", "-q"])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"this machine has {n} CUDA device(s), none with index {n}, {n + 1}" in line

@@ -67,3 +67,20 @@ def test_shards_split_the_manifest_deterministically(tmp_path):
     assert parts[0] == ["S0", "S3", "S6", "S9"]
     with pytest.raises(ManifestError, match="--shard"):
         parse_shard("3/3")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("slide_id;path;label\nA;a.svs;x\n", "separated by ';'; save the manifest as a comma-separated CSV"),
+    ("slide_id\tpath\nA\ta.svs\n", "separated by tabs"),
+    ("Slide_ID,Path,Label\nA,a.svs,x\n", "column names must be lower case; rename 'Slide_ID' to 'slide_id', 'Path' to 'path'"),
+    ("", "the file is empty; the first line must be a header"),
+])
+def test_common_spreadsheet_exports_get_a_message_that_says_what_to_do(tmp_path, text, expected):
+    with pytest.raises(ManifestError, match=None) as err:
+        load_manifest(write(tmp_path, text))
+    assert expected in str(err.value) and str(tmp_path / "manifest.csv") in str(err.value)
+
+
+def test_a_folder_given_as_manifest_is_named_as_such(tmp_path):
+    with pytest.raises(ManifestError, match="is a folder; pass the manifest CSV file inside it"):
+        load_manifest(tmp_path)

@@ -139,3 +139,19 @@ def test_two_processes_on_one_workspace_do_each_slide_once(tmp_path):
     assert len(list((tmp_path / "out").glob("*.h5"))) == 12
     rows = StatusFile(tmp_path / "status.csv").read()
     assert len(rows) == 12 and all(r["state"] == "done" for r in rows.values())
+
+
+def test_slides_held_by_a_live_process_are_named_in_the_summary(tmp_path):
+    import json, socket
+    (tmp_path / ".locks").mkdir()
+    (tmp_path / ".locks" / "b.lock").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
+    summary = run(tmp_path, [Row("a"), Row("b")], make_work([]))
+    assert summary.count("locked") == 1 and summary.exit_code == 0
+    assert "1 slide(s) were being processed by another process; rerun this command" in summary.table()
+
+
+def test_a_killed_status_writers_temporary_file_is_cleaned_up(tmp_path):
+    (tmp_path / ".status.csv.tmp-otherhost-4242").write_text("slide_id,state\nhalf")
+    run(tmp_path, [Row("a")], make_work([]))
+    assert sorted(p.name for p in tmp_path.iterdir() if "status" in p.name) == [".status.lock", "status.csv"]

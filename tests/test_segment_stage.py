@@ -125,3 +125,27 @@ def test_rerun_skips_done_slides_and_refuses_other_parameters(tmp_path, slides_d
     assert (seg / "coords" / "cmu.h5").stat().st_mtime_ns == first
     assert main(args + ["--sthresh", "30", "--overwrite"]) == 0
     assert (seg / "coords" / "cmu.h5").stat().st_mtime_ns != first
+
+
+def test_a_killed_runs_half_written_preview_is_removed_on_rerun(tmp_path, slides_dir):
+    m = manifest(tmp_path, [("cmu", slides_dir / "cmu_small_region.svs", "")])
+    ws = tmp_path / "ws"
+    previews = ws / "segment" / "level0_256px_bwh_biopsy" / "previews"
+    previews.mkdir(parents=True)
+    # what `kill -9` leaves while the preview of 'cmu' is being written (pid of a dead process)
+    (previews / ".cmu.tmp999999.png").write_bytes(b"\x89PNG half")
+    assert main(["segment", "--manifest", str(m), "--workspace", str(ws), "--preset", "bwh_biopsy",
+                 "--patch-level", "0", "-q"]) == 0
+    assert sorted(p.name for p in previews.iterdir()) == ["cmu.png"]
+
+
+def test_slide_smaller_than_a_patch_says_so(tmp_path, slides_dir, capsys):
+    m = manifest(tmp_path, [("tiny", slides_dir / "openslide_small.svs", "")])
+    ws = tmp_path / "ws"
+    assert main(["segment", "--manifest", str(m), "--workspace", str(ws), "--patch-level", "0",
+                 "--no-previews", "-q"]) == 0
+    st = status(ws / "segment" / "level0_256px")
+    assert st["tiny"]["state"] == "empty"
+    assert st["tiny"]["message"].startswith("the slide (16x16 px) is smaller than one patch (256 level-0 px)")
+    out = capsys.readouterr().out
+    assert "coordinates:" in out and "previews:" not in out  # no previews were asked for

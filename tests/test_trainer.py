@@ -244,3 +244,20 @@ def test_grn_at_test_model_is_rebuilt_with_its_grn(cohort, tmp_path):
     assert model.grn is not None and model.wsi_meta["model"] == "abmil"
     (out,) = predict_bags(model, bags.subset(small["val"][:1]), "cpu")
     assert out["prob"].shape == (2,) and len(out["instance_scores"]) == bags.n_instances(small["val"][0])
+
+
+def test_balanced_class_weights_change_the_loss_of_a_single_bag():
+    import torch.nn.functional as F
+
+    from mil.trainer import balanced_class_weights, weighted_cross_entropy
+
+    weight = balanced_class_weights([0] * 8 + [1] * 2, 2)
+    assert torch.allclose(weight, torch.tensor([10 / 16, 10 / 4]))
+    logits = torch.tensor([[0.3, -0.2]])
+    target = torch.tensor([1])
+    plain = F.cross_entropy(logits, target)
+    # the minority class's bag counts 2.5x: the weight survives a batch of one bag
+    assert torch.allclose(weighted_cross_entropy(logits, target, weight), 2.5 * plain)
+    assert torch.allclose(weighted_cross_entropy(logits, target, None), plain)
+    with pytest.raises(ConfigError, match="class_weights"):
+        TrainConfig(class_weights="inverse")

@@ -270,6 +270,12 @@ def load_bags(
             f"{len(broken)} bag(s) in {features_dir} cannot be used; re-extract them:\n  "
             + "\n  ".join(broken[:50])
         )
+    if not features and not broken:
+        raise BagError(
+            f"no bag in {features_dir} for any of the {len(slide_ids)} manifest slide(s) "
+            f"(e.g. {slide_ids[0]}.h5); check --features (it should be "
+            "<workspace>/features/<backbone_tag>/<seg_tag>) or run `wsi-pipeline extract` first"
+        )
     problems = []
     if missing:
         problems.append(f"{len(missing)} slide(s) have no bag in {features_dir}: {_listing(missing)}")

@@ -190,3 +190,8 @@ def test_bagset_rejects_unknown_slide():
     bags = BagSet({"a": torch.ones(2, 3)})
     with pytest.raises(BagError, match="'b'"):
         bags.get("b")
+
+
+def test_a_features_folder_with_no_bag_at_all_points_at_the_folder(tmp_path):
+    with pytest.raises(BagError, match=r"no bag in .* for any of the 3 manifest slide\(s\).*check --features"):
+        load_bags(tmp_path, ["a", "b", "c"], allow_missing=True)

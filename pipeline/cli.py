@@ -112,21 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(verbose: int = 0, quiet: bool = False, log_file: Path | None = None) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", handlers=handlers, force=True)
-    if verbose < 2:
-        for noisy in ("PIL", "matplotlib", "h5py", "timm"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     from extract.errors import PipelineError
+
+    from .logging_setup import setup_logging
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)

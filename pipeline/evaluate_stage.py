@@ -1094,8 +1094,10 @@ def _external_metrics(pred: pd.DataFrame, ens: pd.DataFrame, task: str, classes,
 def evaluate_command(args) -> int:
     """The ``evaluate`` subcommand: resolve config and flags, run, print the table."""
     from .config import resolve_stage
+    from .logging_setup import attach_run_log
 
     inputs = resolve_stage(args, "evaluate", EvaluateConfig, ("experiment", "features", "heatmaps", "protocol", "device"))
+    attach_run_log(inputs.workspace, "evaluate")
     cfg = inputs.section
     experiment = cfg.experiment or (inputs.raw.get("name") if inputs.raw else None)
     if not experiment:

@@ -25,6 +25,7 @@ import numpy as np
 from extract.errors import ConfigError, SlideError
 
 from .config import ExtractConfig, dump_yaml, resolve_stage
+from .logging_setup import attach_run_log
 from .manifest import load_manifest, parse_shard
 from .runner import (SlideOutcome, StatusFile, _pid_alive, check_stage_params, run_slides,
                      temp_path_for)
@@ -319,6 +320,7 @@ def extract_command(args) -> int:
     if args.devices:
         return _spawn_per_device(args, args.devices)
     inputs = resolve_stage(args, "extract", ExtractConfig, EXTRACT_FLAGS)
+    attach_run_log(inputs.workspace, "extract")
     summary, out_dir = run_extract(inputs.manifest, inputs.workspace, inputs.section, args.shard,
                                    bool(args.overwrite), progress=not args.quiet)
     print(summary.table())

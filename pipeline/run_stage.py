@@ -13,6 +13,7 @@ from pathlib import Path
 from extract.errors import ConfigError
 
 from .config import ExtractConfig, SegmentConfig, from_dict, resolve_stage
+from .logging_setup import attach_run_log
 from .extract_stage import run_extract
 from .segment_stage import run_segment
 
@@ -64,6 +65,7 @@ def run_command(args) -> int:
         raise ConfigError(f"{args.config}: The 'evaluate.protocol' key must be one of {', '.join(PROTOCOLS)}. "
                           f"Got {ev['protocol']!r} instead.")
 
+    attach_run_log(seg.workspace, "run")  # only once every section is known to be valid
     print("== 1/4 segment")
     summary, tag = run_segment(seg.manifest, seg.workspace, seg.section, args.shard, overwrite, progress=progress)
     if (code := stop_if_failed(summary, "segment")) is not None:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -316,11 +317,17 @@ def run_slides(
     summary = BatchSummary(stage)
     lock_dir = out_dir / ".locks"
     start = time.perf_counter()
-    bar = tqdm(rows, desc=stage, unit="slide", disable=not progress, dynamic_ncols=True)
-    for row in bar:
+    # Under nohup or a batch scheduler a progress bar fills the log with carriage returns:
+    # there, one log line per slide tells how far an overnight batch got.
+    interactive = progress and sys.stderr.isatty()
+    bar = tqdm(rows, desc=stage, unit="slide", disable=not interactive, dynamic_ncols=True)
+    for i, row in enumerate(bar, 1):
         status = _one_slide(stage, row, output_path(row), fingerprint_value, work, overwrite,
                             lock_dir, stale_lock_s, status_file)
         summary.statuses.append(status)
+        rate = f", {status.patches} patches ({status.patches_per_s:.1f}/s)" if status.patches_per_s else ""
+        log.log(logging.DEBUG if interactive else logging.INFO, "%s [%d/%d] %s: %s in %.1f s%s",
+                stage, i, len(rows), row.slide_id, status.state, status.seconds, rate)
         bar.set_postfix_str(
             " ".join(f"{s}={summary.count(s)}" for s in ("done", "skipped", "empty", "failed") if summary.count(s)),
             refresh=False,

@@ -11,6 +11,7 @@ from pathlib import Path
 from extract.errors import ConfigError, SlideError
 
 from .config import SegmentConfig, dump_yaml, resolve_stage
+from .logging_setup import attach_run_log
 from .manifest import load_manifest, parse_shard
 from .runner import SlideOutcome, check_stage_params, run_slides
 from .workspace import Workspace, fingerprint, seg_tag
@@ -162,6 +163,7 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
 
 def segment_command(args) -> int:
     inputs = resolve_stage(args, "segment", SegmentConfig, SEG_FLAGS)
+    attach_run_log(inputs.workspace, "segment")
     summary, tag = run_segment(inputs.manifest, inputs.workspace, inputs.section, args.shard,
                                bool(args.overwrite), getattr(args, "slide_mpp", None),
                                progress=not args.quiet)

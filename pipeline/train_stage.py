@@ -35,6 +35,7 @@ from typing import Any, Sequence
 from extract.errors import CheckpointError, ConfigError, PipelineError
 
 from .config import CONFIG_DIR, from_dict, load_yaml, resolve_stage
+from .logging_setup import attach_run_log
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -436,6 +437,7 @@ def train_command(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name, None) for name in TRAIN_FLAGS}
     flags["seeds"] = _parse_seeds(flags["seeds"])
     inputs = resolve_stage(args, "train", _section_class(), flag_names=())
+    attach_run_log(inputs.workspace, "train")
     base = Path(args.config).resolve().parent if getattr(args, "config", None) else Path.cwd()
     section = dict(inputs.raw.get("train") or {})
     config, recipe_path = resolve_train_config(section, base, flags)

@@ -149,3 +149,16 @@ def test_slide_smaller_than_a_patch_says_so(tmp_path, slides_dir, capsys):
     assert st["tiny"]["message"].startswith("the slide (16x16 px) is smaller than one patch (256 level-0 px)")
     out = capsys.readouterr().out
     assert "coordinates:" in out and "previews:" not in out  # no previews were asked for
+
+
+def test_every_run_leaves_a_log_file_with_one_line_per_slide(tmp_path, slides_dir):
+    m = manifest(tmp_path, [("cmu", slides_dir / "cmu_small_region.svs", ""),
+                            ("dicom", slides_dir / "unopenable_tcga_dicom.dcm", "")])
+    ws = tmp_path / "ws"
+    # -q quiets the terminal; the log file still says how far an overnight batch got
+    assert main(["segment", "--manifest", str(m), "--workspace", str(ws), "--preset", "bwh_biopsy",
+                 "--patch-level", "0", "-q"]) == 1
+    (log,) = (ws / "logs").glob("segment-*.log")
+    text = log.read_text()
+    assert "segment [1/2] cmu: done" in text and "50 patches" in text
+    assert "segment [2/2] dicom: failed" in text and "OpenSlide cannot open" in text

@@ -132,6 +132,25 @@ class BagSet:
         ids = list(slide_ids)
         return BagSet({s: self.host(s) for s in ids}, {s: self._coords[s] for s in ids if s in self._coords})
 
+    def feature_stats(self, slide_ids: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std [D] (float32) over every instance of ``slide_ids``."""
+        total = torch.zeros(self.in_dim, dtype=torch.float64)
+        squares = torch.zeros(self.in_dim, dtype=torch.float64)
+        count = 0
+        for sid in slide_ids:
+            x = self.host(sid).double()
+            total += x.sum(0)
+            squares += (x * x).sum(0)
+            count += x.shape[0]
+        mean = total / max(count, 1)
+        std = (squares / max(count, 1) - mean * mean).clamp(min=0).sqrt()
+        # A constant dimension would divide by zero; leave it centred but unscaled.
+        return mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()
+
+    def standardized(self, mean: torch.Tensor, std: torch.Tensor) -> "BagSet":
+        """A new BagSet with every bag z-scored as ``(x - mean) / std`` (float32 on the host)."""
+        return BagSet({s: (t.float() - mean) / std for s, t in self._host.items()}, self._coords)
+
     def get(self, slide_id: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """float32 [N, D] on ``device`` (cached when :meth:`to_device` moved the bags there)."""
         device = torch.device(device)

@@ -133,6 +133,11 @@ class TrainConfig:
         fold, as the official MHIM-MIL CAMELYON16 code: optimistic, for comparison only).
     class_weights : 'none' or 'balanced' (classification: cross-entropy weights
         ``n / (C * n_c)`` from the training split, so a minority subtype is not ignored).
+    feature_norm : 'none' (features as extracted, as CLAM and MHIM-MIL use them) or
+        'standardize' (z-score every feature dimension with the mean and std of the fold's
+        training instances; stored in the checkpoint and applied again at inference). Helps
+        where the features carry a large common offset (random or some foundation-model
+        features) and training data are few.
     """
 
     model: str = "abmil"
@@ -158,6 +163,7 @@ class TrainConfig:
     selection: str = "auto"
     protocol: str = "default"
     class_weights: str = "none"
+    feature_norm: str = "none"
 
     def __post_init__(self) -> None:
         from mil.models import list_models
@@ -201,7 +207,8 @@ class TrainConfig:
             raise _bad("seeds", "distinct seeds", self.seeds)
         for name, choices in (("scheduler", ("cosine", "none")), ("precision", PRECISIONS),
                               ("student_init", ("none", "fc", "all")), ("selection", SELECTION_METRICS),
-                              ("protocol", ("default", "paper")), ("class_weights", ("none", "balanced"))):
+                              ("protocol", ("default", "paper")), ("class_weights", ("none", "balanced")),
+                              ("feature_norm", ("none", "standardize"))):
             if getattr(self, name) not in choices:
                 raise _bad(name, f"one of {', '.join(choices)}", getattr(self, name))
         if not isinstance(self.device, str) or not (
@@ -506,7 +513,7 @@ def load_student(checkpoint_path: str | Path, device: str | torch.device = "cpu"
         model = wrapper
     model.wsi_meta = {k: ckpt.get(k) for k in (
         "model", "model_kw", "in_dim", "n_classes", "task", "classes", "bin_edges", "seed", "fold",
-        "epoch", "val_threshold", "kind")}
+        "epoch", "val_threshold", "kind", "feature_mean", "feature_std")}
     return model.to(device).eval()
 
 
@@ -571,8 +578,14 @@ def predict_bags(
     per_bag: list[dict] = []
     ctx = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
            if autocast_dtype is not None else contextlib.nullcontext())
+    meta = getattr(model, "wsi_meta", None) or {}
+    norm = None
+    if meta.get("feature_mean") is not None:  # the checkpoint was trained on standardized features
+        norm = (torch.tensor(meta["feature_mean"], device=device), torch.tensor(meta["feature_std"], device=device))
     try:
         for sid, x in _iter_bags(bag_list, device):
+            if norm is not None:
+                x = (x.float() - norm[0]) / norm[1]
             with ctx:
                 out = model(x.unsqueeze(0) if x.dim() == 2 else x)
             ids.append(sid)
@@ -853,8 +866,15 @@ def train_fold(
         def loss_fn(logits: torch.Tensor, target) -> torch.Tensor:
             return nll_survival_loss(logits.float(), target[0], target[1])
 
+    feature_mean = feature_std = None
+    if config.feature_norm == "standardize":
+        feature_mean, feature_std = bags.feature_stats(train_ids)  # training instances only
+        bags = bags.subset(train_ids + val_ids).standardized(feature_mean, feature_std)
+        feature_mean, feature_std = feature_mean.tolist(), feature_std.tolist()
+
     meta = {
         "format_version": CHECKPOINT_VERSION,
+        "feature_mean": feature_mean, "feature_std": feature_std,
         "model": config.model, "model_kw": dict(config.model_kw), "in_dim": bags.in_dim,
         "n_classes": int(n_out), "task": task, "classes": classes, "bin_edges": bin_edges,
         "mhim": dict(config.mhim) if config.mhim is not None else None,

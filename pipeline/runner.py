@@ -199,31 +199,43 @@ class SlideLock:
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._take_over_if_stale():
-                    return False
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
-            self.held = True
-            return True
-        return False
+        # The lock appears with its content in one step (write a private file, then hard-link it
+        # to the lock name, which fails if the lock exists): a competitor never reads an empty
+        # lock file and mistakes it for a stale one. os.link is atomic on local disks and NFS.
+        mine = self.path.with_name(f".{self.path.name}.{socket.gethostname()}-{os.getpid()}")
+        mine.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(mine, self.path)
+                except FileExistsError:
+                    if not self._take_over_if_stale():
+                        return False
+                    continue
+                self.held = True
+                return True
+            return False
+        finally:
+            mine.unlink(missing_ok=True)
 
     def _take_over_if_stale(self) -> bool:
         try:
-            info = json.loads(self.path.read_text() or "{}")
+            text = self.path.read_text()
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return True  # released meanwhile: try again
-        except (OSError, ValueError):
-            info, age = {}, float("inf")
+        except OSError:
+            text, age = "", float("inf")
+        try:
+            info = json.loads(text) if text else {}
+        except ValueError:
+            info = {}
         same_host = info.get("host") == socket.gethostname()
-        stale = (same_host and not _pid_alive(int(info.get("pid", -1)))) or (
-            not same_host and age > self.stale_lock_s
-        ) or not info
+        if info:
+            stale = (same_host and not _pid_alive(int(info.get("pid", -1)))) or (
+                not same_host and age > self.stale_lock_s)
+        else:  # unreadable: a crash of an older writer; give it a minute before taking over
+            stale = age > 60
         if not stale:
             return False
         # Renaming is atomic: of several processes taking over the same stale lock, one wins.
@@ -232,6 +244,17 @@ class SlideLock:
             os.rename(self.path, grave)
         except FileNotFoundError:
             return True
+        try:
+            moved = grave.read_text()
+        except OSError:
+            moved = text
+        if moved != text:
+            # Another process replaced the stale lock with its own between our read and our
+            # rename: give it back rather than steal a live claim.
+            with contextlib.suppress(OSError):
+                os.link(grave, self.path)
+            grave.unlink(missing_ok=True)
+            return False
         grave.unlink(missing_ok=True)
         log.info("took over stale lock %s (held by %s)", self.path.name, info)
         return True

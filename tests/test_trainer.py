@@ -261,3 +261,29 @@ def test_balanced_class_weights_change_the_loss_of_a_single_bag():
     assert torch.allclose(weighted_cross_entropy(logits, target, None), plain)
     with pytest.raises(ConfigError, match="class_weights"):
         TrainConfig(class_weights="inverse")
+
+
+def test_standardized_features_are_learned_and_reapplied_at_inference(cohort, tmp_path):
+    bags, targets, split = cohort
+    # a large common offset and scale, as random-weight or some foundation-model features have
+    from mil.data import BagSet
+
+    shifted = BagSet({s: bags.host(s).float() * 7.0 + 40.0 for s in bags.slide_ids})
+    mean, std = shifted.feature_stats(split["train"])
+    train_x = torch.cat([shifted.host(s) for s in split["train"]])
+    assert torch.allclose(mean, train_x.mean(0), atol=1e-3) and torch.allclose(std, train_x.std(0, unbiased=False), rtol=1e-3)
+
+    res = train_fold(shifted, split, config(feature_norm="standardize"), tmp_path / "std", targets=targets, seed=1, fold=0)
+    assert res.best_value > 0.9
+    ckpt = read_checkpoint(tmp_path / "std" / "best.pt")
+    assert len(ckpt["feature_mean"]) == 32 and ckpt["feature_mean"][0] == pytest.approx(float(mean[0]), rel=1e-5)
+
+    # evaluate gets RAW bags: the loaded student standardizes them with the training statistics
+    model = load_student(tmp_path / "std" / "best.pt")
+    sid = split["val"][0]
+    (raw,) = predict_bags(model, [(sid, shifted.get(sid))], "cpu")
+    with torch.no_grad():
+        manual = model(((shifted.get(sid) - mean) / std).unsqueeze(0)).logits[0].numpy()
+    np.testing.assert_allclose(raw["logits"], manual, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="feature_norm"):
+        TrainConfig(feature_norm="minmax")

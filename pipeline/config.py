@@ -223,11 +223,7 @@ def resolve_stage(args, section_name: str, section_cls, flag_names: tuple[str, .
         if getattr(args, "config", None) is None:
             raise
         raise ConfigError(f"{args.config}: {exc}") from exc
-    flags = {name: getattr(args, name, None) for name in flag_names}
-    try:
-        section = override(section, **flags)
-    except ConfigError:
-        raise
+    section = override(section, **{name: getattr(args, name, None) for name in flag_names})
     manifest = getattr(args, "manifest", None)
     if manifest is None and raw.get("manifest"):
         manifest = base / raw["manifest"]

@@ -27,7 +27,7 @@ from extract.errors import ConfigError, SlideError
 from .config import ExtractConfig, dump_yaml, resolve_stage
 from .logging_setup import attach_run_log
 from .manifest import load_manifest, parse_shard
-from .runner import (SlideOutcome, StatusFile, _pid_alive, check_stage_params, run_slides,
+from .runner import (SlideOutcome, StatusFile, pid_alive, check_stage_params, run_slides,
                      temp_path_for)
 from .workspace import Workspace, fingerprint
 
@@ -275,7 +275,7 @@ def _remove_dead_leftovers(final: Path) -> None:
     prefix = f".{final.name}.tmp-{socket.gethostname()}-"
     for leftover in final.parent.glob(f"{glob.escape(prefix)}*"):
         pid = leftover.name[len(prefix):]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             leftover.unlink(missing_ok=True)
 
 

@@ -179,7 +179,7 @@ def check_stage_params(out_dir: Path, params: dict, fingerprint_value: str, over
 
 # -- locks ------------------------------------------------------------------------------------
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -232,7 +232,7 @@ class SlideLock:
             info = {}
         same_host = info.get("host") == socket.gethostname()
         if info:
-            stale = (same_host and not _pid_alive(int(info.get("pid", -1)))) or (
+            stale = (same_host and not pid_alive(int(info.get("pid", -1)))) or (
                 not same_host and age > self.stale_lock_s)
         else:  # unreadable: a crash of an older writer; give it a minute before taking over
             stale = age > 60

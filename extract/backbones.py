@@ -127,7 +127,7 @@ def create_backbone(name: str, weights: str | os.PathLike = "imagenet", **kwargs
     weights : {'imagenet', 'random'} or path
         ``'imagenet'``: the reference weights, downloaded through torchvision/timm's cache
         (a :class:`ConfigError` explains how to pass a local file when that is impossible);
-        ``'random'``: seeded-by-caller random init (tests, smoke runs);
+        ``'random'``: a fixed (seed 0) random init, the same in every process (tests, smoke runs);
         a ``.pth/.pt/.bin/.safetensors`` path: loaded strictly (wrappers such as
         ``{'state_dict': ...}`` and ``module.``/``backbone.`` prefixes are undone).
     **kwargs
@@ -145,14 +145,22 @@ def create_backbone(name: str, weights: str | os.PathLike = "imagenet", **kwargs
         model_name = name[len(TIMM_PREFIX):]
         if not model_name:
             raise ConfigError(f"The 'name' parameter of create_backbone must name a timm model after 'timm:'. Got {name!r} instead.")
-        model = _build_timm(model_name, resolved, **kwargs)
+        build = functools.partial(_build_timm, model_name, resolved, **kwargs)
     elif name in _REGISTRY:
-        model = _REGISTRY[name](resolved, **kwargs)
+        build = functools.partial(_REGISTRY[name], resolved, **kwargs)
     else:
         raise ConfigError(
             f"The 'name' parameter of create_backbone must be one of {list_backbones()} or "
             f"'timm:<model name>'. Got {name!r} instead."
         )
+    if resolved == "random":
+        # 'random' must mean the same weights in every process and rerun (shards, GPUs,
+        # resumes), or the bags of one folder would not share a feature space.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build()
+    else:
+        model = build()
     model.eval()
     logger.info("backbone %s: %d-d features, weights %s", model.backbone_config.name,
                 model.backbone_config.feature_dim, model.backbone_config.weights_id)

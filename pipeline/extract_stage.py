@@ -95,11 +95,7 @@ class Extractor:
                 f"(see `wsi-pipeline extract --list-backbones`). Got {config.backbone!r} instead."
             )
         device = select_device(config.device)
-        # 'random' must mean the same weights in every process and rerun (shards, GPUs,
-        # resumes), or bags of one folder would not share a feature space.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = create_backbone(config.backbone, weights=config.weights)
+        model = create_backbone(config.backbone, weights=config.weights)
         model = model.to(device).eval().to(memory_format=torch.channels_last)
         if config.compile:
             model = torch.compile(model)

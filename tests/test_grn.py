@@ -2,97 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from extract.errors import ConfigError
 from mil.grn import GlobalRecycleNetwork
 from mil.mhim import MHIM, MHIMConfig
 
-
-# Students of the student contract (the same two as in test_mhim.py; test files stay independent)
-
-
-@dataclass
-class Out:
-    logits: torch.Tensor
-    bag_feature: torch.Tensor
-    instance_scores: torch.Tensor
-
-
-class TinyABMIL(nn.Module):
-    def __init__(self, in_dim: int = 12, dim: int = 16, n_classes: int = 2):
-        super().__init__()
-        self.fc = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(0.25))
-        self.attention = nn.Sequential(nn.Linear(dim, 8), nn.Tanh(), nn.Linear(8, 1))
-        self.classifier = nn.Linear(dim, n_classes)
-
-    def embed(self, x):
-        return self.fc(x if x.dim() == 3 else x.unsqueeze(0))
-
-    def aggregate(self, h, mask=None):
-        a = self.attention(h).squeeze(-1)
-        z = torch.einsum("bn,bnh->bh", torch.softmax(a, dim=-1), h)
-        return Out(self.classifier(z), z, a)
-
-    def instance_class_prob(self, h):
-        w = torch.softmax(self.attention(h).squeeze(-1), dim=-1)
-        return torch.softmax(self.classifier(w.unsqueeze(-1) * h), dim=-1).amax(-1)
-
-    def auxiliary_loss(self, output, target):
-        return None
-
-    def forward(self, x, mask=None):
-        return self.aggregate(self.embed(x), mask)
-
-
-class IdStudent(nn.Module):
-    """Identity embedding: column 0 = instance id, column 1 = its attention score."""
-
-    def __init__(self, dim: int = 8, n_classes: int = 2):
-        super().__init__()
-        self.embed_dim = dim
-        self.gain = nn.Parameter(torch.ones(dim))
-        self.proj = nn.Linear(dim, dim)
-        self.classifier = nn.Linear(dim, n_classes)
-        self.seen: list[torch.Tensor] = []
-
-    def embed(self, x):
-        return (x if x.dim() == 3 else x.unsqueeze(0)) * self.gain
-
-    def aggregate(self, h, mask=None):
-        self.seen.append(h.detach().clone())
-        z = self.proj(h.mean(1))
-        return Out(self.classifier(z), z, h[..., 1])
-
-    def instance_class_prob(self, h):
-        return h[..., 2]
-
-    def auxiliary_loss(self, output, target):
-        return None
-
-    def forward(self, x, mask=None):
-        return self.aggregate(self.embed(x), mask)
-
-
-def id_bag(n: int, dim: int = 8, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, dim, generator=g)
-    x[:, 0] = torch.arange(n, dtype=torch.float32)
-    x[:, 1] = torch.randperm(n, generator=g).float()
-    return x
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def ce(logits, target):
-    return F.cross_entropy(logits, target)
+from contract_students import IdStudent, TinyABMIL, ce, gen, id_bag
 
 
 def small_grn(**kw) -> GlobalRecycleNetwork:

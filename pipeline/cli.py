@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heatmaps", help="number of slides to draw heatmaps for, or 'all'")
     g.add_argument("--protocol", choices=["default", "paper"],
                    help="'paper' = validation is the test fold (optimistic; for comparison only)")
+    g.add_argument("--threshold", choices=["auto", "youden", "argmax"],
+                   help="binary decision rule (default auto: Youden's J on validation when it holds "
+                        ">= 10 bags of each class, else argmax)")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
 
     p = sub.add_parser("run", help="segment -> extract -> train -> evaluate from one config")

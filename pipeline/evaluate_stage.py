@@ -84,8 +84,14 @@ class EvaluateConfig:
     n_boot: int = 1000
     gallery_k: int = 8
     cmap: str = "jet"
+    threshold: str = "auto"  # binary decision rule: auto | youden | argmax (mil.evaluation)
 
     def __post_init__(self):
+        from mil.evaluation import THRESHOLD_RULES
+
+        if self.threshold not in THRESHOLD_RULES:
+            raise ConfigError(f"The 'threshold' parameter must be one of {', '.join(THRESHOLD_RULES)}. "
+                              f"Got {self.threshold!r} instead.")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(
                 f"The 'protocol' parameter must be one of {', '.join(PROTOCOLS)}. Got {self.protocol!r} instead."
@@ -163,17 +169,11 @@ def _threshold_rows(rows: pd.DataFrame, protocol: str) -> tuple[pd.DataFrame, st
     return rows[rows["split"] == "val"], "validation"
 
 
-def binary_threshold(y_val: np.ndarray, p_val: np.ndarray) -> tuple[float, str]:
-    """Youden's J threshold on validation predictions, with what it came from.
+def binary_threshold(y_val: np.ndarray, p_val: np.ndarray, rule: str = "auto"):
+    """The fold's decision threshold from its threshold-set predictions (``mil.evaluation``)."""
+    from mil.evaluation import choose_threshold
 
-    A validation set holding one class has no Youden threshold; 0.5 is used then and the
-    returned note says so (it is also written to metrics.json and logged as a warning).
-    """
-    from mil.metrics import youden_threshold
-
-    if len(np.unique(y_val)) < 2:
-        return 0.5, "fixed 0.5: the threshold set holds one class, Youden's J is undefined"
-    return youden_threshold(y_val, p_val), "youden"
+    return choose_threshold(y_val, p_val, rule)
 
 
 def _binary_fold(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict:
@@ -222,6 +222,7 @@ def evaluate_predictions(
     protocol: str = "default",
     n_boot: int = 1000,
     seed: int = 0,
+    threshold: str = "auto",
 ) -> tuple[dict, pd.DataFrame]:
     """Per-fold metrics from a predictions table, and the table with decisions filled in.
 
@@ -237,6 +238,8 @@ def evaluate_predictions(
         test rows).
     n_boot : bootstrap replicates of the 95% intervals (stratified by class, or by event).
     seed : bootstrap randomness.
+    threshold : binary decision rule, 'auto', 'youden' or 'argmax' (:mod:`mil.evaluation`);
+        the metrics at both cuts are reported whatever the rule.
 
     Returns
     -------
@@ -244,6 +247,7 @@ def evaluate_predictions(
     pred : a copy with ``prediction`` (classification) or ``risk_group`` (survival) and the
         per-fold ``threshold``.
     """
+    from mil.evaluation import describe_rule, family_names, threshold_families
     from mil.metrics import logrank_test, summarize_folds
 
     if protocol not in PROTOCOLS:
@@ -272,19 +276,28 @@ def evaluate_predictions(
                     f"fold {f} (seed {s}) has no validation slides in splits.csv, so no threshold can be "
                     "chosen honestly; retrain with a validation split or use --protocol paper"
                 )
-            thr, how = binary_threshold(_labels_index(thr_rows, classes), thr_rows[pos].to_numpy(float))
-            if how != "youden":
-                log.warning("fold %s seed %s: %s", f, s, how)
+            # the paper protocol reproduces the official code: Youden's cut on the test fold
+            rule = "youden" if protocol == "paper" and threshold == "auto" else threshold
+            choice = binary_threshold(_labels_index(thr_rows, classes), thr_rows[pos].to_numpy(float), rule)
+            thr = choice.value
+            if choice.youden is None:
+                log.warning("fold %s seed %s: %s", f, s, choice.reason)
+            elif choice.rule != rule:
+                log.info("fold %s seed %s: %s", f, s, choice.reason)
             y = _labels_index(test, classes)
-            record.update(_binary_fold(y, test[pos].to_numpy(float), thr, n_boot, seed))
+            p_test = test[pos].to_numpy(float)
+            record.update(_binary_fold(y, p_test, thr, n_boot, seed))
+            record.update(threshold_families(y, p_test, choice))
             record["threshold"] = thr
-            record["threshold_from"] = source if how == "youden" else f"{source}: {how}"
+            record["threshold_rule"] = choice.rule
+            record["threshold_from"] = f"{source}: {choice.reason}"
             if not math.isfinite(thr):
                 record["threshold_from"] += (": no cut beats chance (Youden's J <= 0), so nothing is called "
                                              "positive (threshold +inf, written as null)")
                 log.warning("fold %s seed %s: the %s scores separate no better than chance; no slide is "
                             "called positive", f, s, source)
             record["n_threshold_set"] = int(len(thr_rows))
+            record["n_threshold_set_pos"], record["n_threshold_set_neg"] = choice.n_pos, choice.n_neg
             idx = rows.index
             pred.loc[idx, "threshold"] = thr
             pred.loc[idx, "prediction"] = np.where(pred.loc[idx, pos].to_numpy(float) >= thr, classes[1], classes[0])
@@ -313,7 +326,7 @@ def evaluate_predictions(
             raise ConfigError(f"The 'task' parameter must be classification or survival. Got {task!r} instead.")
         folds.append(record)
 
-    names = {"binary": BINARY_METRICS + ("threshold",), "multiclass": MULTICLASS_METRICS,
+    names = {"binary": BINARY_METRICS + ("threshold",) + family_names(), "multiclass": MULTICLASS_METRICS,
              "survival": SURVIVAL_METRICS + ("logrank_p",)}[kind]
     mean, std = summarize_folds([{k: r[k] for k in names if k in r} for r in folds])
     metrics: dict[str, Any] = {
@@ -330,6 +343,11 @@ def evaluate_predictions(
         metrics["classes"] = list(classes)
     if kind == "binary":
         metrics["positive_class"] = classes[1]
+        metrics["threshold_setting"] = threshold
+        metrics["threshold_rule"] = describe_rule() if threshold == "auto" else threshold
+        metrics["threshold_families"] = ("accuracy, balanced_accuracy, f1, sensitivity, specificity also at "
+                                         "argmax (<name>_at_argmax, p >= 0.5) and at the Youden cut of the "
+                                         "threshold set (<name>_at_youden)")
     if task == "survival":
         metrics["km"] = km_summary(pred)
     return metrics, pred
@@ -829,6 +847,7 @@ def run_evaluation(
     n_boot: int = 1000,
     gallery_k: int = 8,
     cmap: str = "jet",
+    threshold: str = "auto",
 ) -> Path:
     """Evaluate a trained experiment; returns the folder holding metrics.json.
 
@@ -925,7 +944,7 @@ def run_evaluation(
                 for r in scored:
                     instance[(unit.seed, unit.fold, r["slide_id"])] = r["instance_scores"]
     pred = pd.DataFrame(records)
-    metrics, pred = evaluate_predictions(pred, task, classes, protocol, n_boot)
+    metrics, pred = evaluate_predictions(pred, task, classes, protocol, n_boot, threshold=threshold)
     metrics["experiment"] = experiment
     metrics["format_version"] = FORMAT_VERSION
     if missing:
@@ -936,7 +955,7 @@ def run_evaluation(
         _write_outputs(out_dir, metrics, pred, PROTOCOLS[protocol])
         _figures(out_dir, metrics, pred, classes, title)
         _write_run_config(out_dir, _run_record(experiment, protocol, n_heat, own_manifest_path,
-                                                     own_features, device, n_boot, gallery_k, cmap))
+                                                     own_features, device, n_boot, gallery_k, cmap, threshold))
         if n_heat != 0:
             test = _first_seed(pred[pred["split"] == "test"]).to_dict("records")
             test.sort(key=lambda r: -_order_key(r, task, classes))
@@ -989,7 +1008,7 @@ def run_evaluation(
     if ext_metrics.get("labelled"):
         _figures(out_dir, ext_metrics, ext_pred, classes, title, ensemble=ens)
     _write_run_config(out_dir, _run_record(experiment, protocol, n_heat, manifest_path, features_dir,
-                                                 device, n_boot, gallery_k, cmap))
+                                                 device, n_boot, gallery_k, cmap, threshold))
     if n_heat != 0:
         from .heatmaps import rank_normalize
 
@@ -1006,8 +1025,9 @@ def run_evaluation(
     return out_dir
 
 
-def _run_record(experiment, protocol, heatmaps, manifest, features, device, n_boot, gallery_k, cmap) -> dict:
-    return {"experiment": experiment, "protocol": protocol, "protocol_label": PROTOCOLS[protocol],
+def _run_record(experiment, protocol, heatmaps, manifest, features, device, n_boot, gallery_k, cmap,
+                threshold="auto") -> dict:
+    return {"threshold": threshold, "experiment": experiment, "protocol": protocol, "protocol_label": PROTOCOLS[protocol],
             "heatmaps": "all" if heatmaps is None else heatmaps, "manifest": str(manifest) if manifest else None,
             "features": str(features) if features else None, "device": device, "n_boot": n_boot,
             "gallery_k": gallery_k, "cmap": cmap}
@@ -1096,7 +1116,8 @@ def evaluate_command(args) -> int:
     from .config import resolve_stage
     from .logging_setup import attach_run_log
 
-    inputs = resolve_stage(args, "evaluate", EvaluateConfig, ("experiment", "features", "heatmaps", "protocol", "device"))
+    inputs = resolve_stage(args, "evaluate", EvaluateConfig,
+                           ("experiment", "features", "heatmaps", "protocol", "device", "threshold"))
     attach_run_log(inputs.workspace, "evaluate")
     cfg = inputs.section
     experiment = cfg.experiment or (inputs.raw.get("name") if inputs.raw else None)
@@ -1107,7 +1128,7 @@ def evaluate_command(args) -> int:
         features = Path(args.config).resolve().parent / features
     out_dir = run_evaluation(inputs.workspace, experiment, protocol=cfg.protocol, heatmaps=cfg.heatmaps,
                              manifest=inputs.manifest, features=features, device=cfg.device, n_boot=cfg.n_boot,
-                             gallery_k=cfg.gallery_k, cmap=cfg.cmap)
+                             gallery_k=cfg.gallery_k, cmap=cfg.cmap, threshold=cfg.threshold)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     print(format_table(metrics))
     print(f"metrics:     {out_dir / 'metrics.json'}\npredictions: {out_dir / 'predictions.csv'}")

@@ -48,7 +48,7 @@ def _two_folds() -> pd.DataFrame:
 
 def test_threshold_comes_from_validation_not_test():
     pred = _two_folds()
-    metrics, out = evaluate_predictions(pred, "classification", CLASSES, n_boot=200)
+    metrics, out = evaluate_predictions(pred, "classification", CLASSES, n_boot=200, threshold="youden")
     f0 = metrics["folds"][0]
     val = pred[(pred.fold == 0) & (pred.split == "val")]
     test = pred[(pred.fold == 0) & (pred.split == "test")]
@@ -59,12 +59,66 @@ def test_threshold_comes_from_validation_not_test():
     for k in ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity"):
         assert f0[k] == pytest.approx(expected[k], nan_ok=True)
     assert f0["sensitivity"] == pytest.approx(1 / 3) and f0["n_test"] == 6
-    assert f0["threshold_from"] == "validation"
+    assert f0["threshold_from"].startswith("validation: Youden") and f0["threshold_rule"] == "youden"
     # decisions in the table use each fold's own validation threshold
     t = out[(out.fold == 0) & (out.split == "test")]
     assert t.prediction.tolist() == ["normal", "normal", "normal", "normal", "tumor", "normal"]
     assert metrics["protocol"] == PROTOCOLS["default"] and metrics["task"] == "classification"
     assert metrics["positive_class"] == "tumor"
+
+
+def _cohort_fold(n_val_per_class: int, seed: int = 0) -> pd.DataFrame:
+    """One fold whose validation cut (Youden) is far from 0.5: a model shifted towards 'tumor'."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split, n in (("val", n_val_per_class), ("test", 40)):
+        for k in range(2 * n):
+            y = k % 2
+            p = float(1 / (1 + np.exp(-(rng.normal(2.0 * y - 1.0, 1.0) + 2.0))))  # logit shifted by +2
+            rows.append((f"{split}{k}", 0, split, CLASSES[y], p))
+    return _binary_table(rows)
+
+
+@pytest.mark.parametrize("n_per_class, rule", [(4, "argmax"), (9, "argmax"), (10, "youden"), (25, "youden")])
+def test_auto_threshold_uses_youden_only_with_enough_validation_bags_of_each_class(n_per_class, rule):
+    from mil.evaluation import MIN_PER_CLASS_FOR_YOUDEN
+
+    assert MIN_PER_CLASS_FOR_YOUDEN == 10
+    pred = _cohort_fold(n_per_class)
+    metrics, out = evaluate_predictions(pred, "classification", CLASSES, n_boot=20)
+    f0 = metrics["folds"][0]
+    val = pred[pred.split == "val"]
+    test = pred[pred.split == "test"]
+    y_val, y_test = (val.label == "tumor").astype(int), (test.label == "tumor").astype(int)
+    youden = youden_threshold(y_val, val.prob_tumor)
+    assert f0["threshold_rule"] == rule
+    assert f0["threshold"] == (youden if rule == "youden" else 0.5)
+    assert (f0["n_threshold_set_pos"], f0["n_threshold_set_neg"]) == (n_per_class, n_per_class)
+    # both families are reported whatever the rule, each equal to a direct computation
+    for cut, name in ((0.5, "argmax"), (youden, "youden")):
+        direct = binary_metrics(y_test, test.prob_tumor, cut)
+        for k in ("accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity"):
+            assert f0[f"{k}_at_{name}"] == pytest.approx(direct[k])
+    assert f0["youden_threshold"] == youden
+    assert f0["accuracy"] == f0[f"accuracy_at_{rule}"]
+    assert metrics["threshold_setting"] == "auto" and ">= 10 positive" in metrics["threshold_rule"]
+    assert "accuracy_at_argmax" in metrics["mean"] and "accuracy_at_youden" in metrics["mean"]
+    t = out[out.split == "test"]
+    assert ((t.prediction == "tumor") == (t.prob_tumor >= f0["threshold"])).all()
+
+
+def test_threshold_rules_can_be_forced_and_bad_ones_are_refused():
+    pred = _cohort_fold(4)
+    metrics, _ = evaluate_predictions(pred, "classification", CLASSES, n_boot=20, threshold="youden")
+    assert metrics["folds"][0]["threshold_rule"] == "youden"
+    metrics, _ = evaluate_predictions(_cohort_fold(25), "classification", CLASSES, n_boot=20, threshold="argmax")
+    assert metrics["folds"][0]["threshold"] == 0.5
+    with pytest.raises(ConfigError, match="'threshold' parameter"):
+        evaluate_predictions(pred, "classification", CLASSES, n_boot=20, threshold="best")
+    from pipeline.evaluate_stage import EvaluateConfig
+
+    with pytest.raises(ConfigError, match="'threshold' parameter"):
+        EvaluateConfig(threshold="test")
 
 
 def test_paper_protocol_chooses_threshold_on_the_test_fold_and_says_so():
@@ -260,7 +314,10 @@ def test_evaluate_binary_metrics_match_saved_predictions(binary_experiment):
         assert sorted(test.slide_id) == sorted(expect[expect.split == "test"].slide_id)
         assert sorted(val.slide_id) == sorted(expect[expect.split == "val"].slide_id)
         y_val, y_test = (val.label == "tumor").astype(int), (test.label == "tumor").astype(int)
-        thr = youden_threshold(y_val, val.prob_tumor) if y_val.nunique() == 2 else 0.5
+        # the auto rule: Youden needs >= 10 validation slides of each class (this cohort has fewer)
+        enough = y_val.nunique() == 2 and min(y_val.sum(), (1 - y_val).sum()) >= 10
+        thr = youden_threshold(y_val, val.prob_tumor) if enough else 0.5
+        assert f["threshold_rule"] == ("youden" if enough else "argmax")
         if math.isinf(thr):  # JSON has no infinity: null, and the reason is recorded
             assert f["threshold"] is None and "chance" in f["threshold_from"]
         else:

@@ -40,6 +40,7 @@ __all__ = [
     "load_preset",
     "segment_tissue",
     "segmentation_image",
+    "tissue_mask",
     "REF_PATCH_PX",
     "CLAM_MAX_LEVEL_PX",
 ]
@@ -74,6 +75,12 @@ class SegmentParams:
         Minimum hole area, in 512 x 512 level-0 patches.
     max_n_holes : int
         Number of largest holes per contour considered before the ``a_h`` filter.
+    remove_ink : bool
+        Remove ink and pen marks (:mod:`extract.ink`) from the tissue mask before contours are
+        found; the regions they leave inside tissue are holes kept whatever their size.
+    ink_colours : str
+        Comma-separated marker colours to remove, among blue, green, black, red (drop ``black``
+        on pigmented tissue such as melanoma, where melanin is as dark as a marker).
     """
 
     sthresh: int = 8
@@ -83,6 +90,8 @@ class SegmentParams:
     a_t: float = 100
     a_h: float = 16
     max_n_holes: int = 8
+    remove_ink: bool = False
+    ink_colours: str = "blue,green,black,red"
 
     def __post_init__(self) -> None:
         def fail(name: str, what: str) -> None:
@@ -111,6 +120,13 @@ class SegmentParams:
             fail("a_h", "a float >= 0 (area in 512 x 512 level-0 patches)")
         if not (is_int(self.max_n_holes) and self.max_n_holes >= 0):
             fail("max_n_holes", "an int >= 0")
+        if not isinstance(self.remove_ink, (bool, np.bool_)):
+            fail("remove_ink", "a bool")
+        from .ink import parse_colours
+
+        if not isinstance(self.ink_colours, str):
+            fail("ink_colours", "a comma-separated string such as 'blue,green,black,red'")
+        parse_colours(self.ink_colours)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "segmentation parameters") -> "SegmentParams":
@@ -136,6 +152,9 @@ PRESETS: dict[str, SegmentParams] = {
     "tcga": SegmentParams(sthresh=8, mthresh=7, close=4, use_otsu=False, a_t=16, a_h=4, max_n_holes=8),
     "bwh_biopsy": SegmentParams(sthresh=15, mthresh=11, close=2, use_otsu=False, a_t=1, a_h=1, max_n_holes=2),
     "bwh_resection": SegmentParams(sthresh=15, mthresh=11, close=4, use_otsu=False, a_t=100, a_h=16, max_n_holes=8),
+    # Ours: bwh_biopsy with ink and pen marks removed (biopsies are inked at their margins).
+    "biopsy_ink": SegmentParams(sthresh=15, mthresh=11, close=2, use_otsu=False, a_t=1, a_h=1, max_n_holes=2,
+                                remove_ink=True),
 }
 
 
@@ -150,7 +169,7 @@ def load_preset(name: str | os.PathLike) -> SegmentParams:
     Parameters
     ----------
     name : str or Path
-        ``'default'``, ``'tcga'``, ``'bwh_biopsy'``, ``'bwh_resection'``, or a path to a YAML
+        ``'default'``, ``'tcga'``, ``'bwh_biopsy'``, ``'bwh_resection'``, ``'biopsy_ink'``, or a path to a YAML
         file with any of :class:`SegmentParams`' fields (missing ones take CLAM's defaults).
     """
     text = str(name)
@@ -197,6 +216,14 @@ class Tissue:
     image_wh : (int, int)
         Size of the segmentation image.
     params : SegmentParams
+    ink_contours : list of int32 ndarray ``[K, 2]``
+        Outlines of the ink removed from the tissue (level-0 px); empty without ``remove_ink``.
+    ink_px : dict colour -> int
+        Segmentation-image pixels each marker colour removed from the thresholded tissue.
+    ink_removed_px : int
+        Pixels removed by all colours together (a pixel can match two colours' edges).
+    threshold_px : int
+        Pixels of the thresholded, closed mask before ink removal (what CLAM calls tissue).
     """
 
     contours: list[np.ndarray]
@@ -208,6 +235,15 @@ class Tissue:
     scale: tuple[float, float]
     image_wh: tuple[int, int]
     params: SegmentParams = field(default_factory=SegmentParams)
+    ink_contours: list[np.ndarray] = field(default_factory=list)
+    ink_px: dict[str, int] = field(default_factory=dict)
+    ink_removed_px: int = 0
+    threshold_px: int = 0
+
+    @property
+    def ink_fraction(self) -> float:
+        """Share of the thresholded tissue removed as ink (0-1)."""
+        return self.ink_removed_px / self.threshold_px if self.threshold_px else 0.0
 
     @property
     def n_contours(self) -> int:
@@ -276,6 +312,7 @@ def segment_tissue(
         threshold, mask = cv2.threshold(blurred, params.sthresh, 255, cv2.THRESH_BINARY)
     if params.close > 0:
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((params.close, params.close), np.uint8))
+    ink = _remove_ink(image, mask, params) if params.remove_ink else None
 
     # CLAM truncates the reference-patch area to whole pixels before multiplying.
     ref_area = int(REF_PATCH_PX**2 / (sx * sy))
@@ -285,25 +322,79 @@ def segment_tissue(
     found = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     contours, hierarchy = found[-2], found[-1]
     empty = Tissue([], [], 0, float(threshold), float(min_area), float(min_hole_area), (sx, sy), (w, h), params)
+    if ink is not None:
+        removed, ink_px = ink
+        ink_found = cv2.findContours(removed.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[-2]
+        empty = dataclasses.replace(
+            empty, ink_contours=[_to_level0(c, sx, sy) for c in ink_found], ink_px=ink_px,
+            ink_removed_px=int(removed.sum()), threshold_px=int(np.count_nonzero(mask) + removed.sum()))
     if hierarchy is None or len(contours) == 0:
         return empty
     parent = hierarchy.reshape(-1, 4)[:, 3]
     outer = np.flatnonzero(parent == -1)
     areas = np.array([cv2.contourArea(c) for c in contours])
+    # Holes left by removed ink are exclusions, not lumens: kept whatever their size or rank.
+    inked = _holes_with(removed, contours, parent) if ink is not None else set()
+
+    # A piece cut in two by a pen line keeps both halves: the area filter judges the piece as it
+    # was before the ink was removed (pixels of its connected region).
+    before_ink = _region_areas(mask | removed, contours, outer) if ink is not None else {}
 
     kept, kept_holes = [], []
     for idx in outer:
         hole_ids = np.flatnonzero(parent == idx)
         # Tissue area excludes its holes (a ring of tissue around a big lumen is small).
         area = areas[idx] - areas[hole_ids].sum()
-        if area == 0 or not area > min_area:
+        if area == 0 or not max(area, before_ink.get(int(idx), 0)) > min_area:
             continue
         # Largest holes first; Python's sort is stable, as CLAM's sorted() is.
-        ranked = sorted(hole_ids.tolist(), key=lambda i: areas[i], reverse=True)[: params.max_n_holes]
+        plain = [i for i in hole_ids.tolist() if i not in inked]
+        ranked = sorted(plain, key=lambda i: areas[i], reverse=True)[: params.max_n_holes]
         kept.append(_to_level0(contours[idx], sx, sy))
-        kept_holes.append([_to_level0(contours[i], sx, sy) for i in ranked if areas[i] > min_hole_area])
+        kept_holes.append([_to_level0(contours[i], sx, sy) for i in ranked if areas[i] > min_hole_area]
+                          + [_to_level0(contours[i], sx, sy) for i in hole_ids.tolist() if i in inked])
 
     return dataclasses.replace(empty, contours=kept, holes=kept_holes, n_raw_contours=len(outer))
+
+
+def _remove_ink(image: np.ndarray, mask: np.ndarray, params: SegmentParams):
+    """Clear ink from ``mask`` in place; returns (removed bool ``[h, w]``, pixels per colour)."""
+    from .ink import ink_regions
+
+    tissue = mask > 0
+    regions = ink_regions(image, params.ink_colours, blur_px=params.mthresh)
+    removed = np.zeros_like(tissue)
+    ink_px = {}
+    for colour, region in regions.items():
+        hit = region & tissue
+        ink_px[colour] = int(hit.sum())
+        removed |= hit
+    mask[removed] = 0
+    return removed, ink_px
+
+
+def _region_areas(mask: np.ndarray, contours, outer: np.ndarray) -> dict[int, int]:
+    """Pixel area of the connected region of ``mask`` each outer contour lies in."""
+    import cv2
+
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    areas = {}
+    for idx in outer:
+        x, y = contours[idx][0, 0]
+        areas[int(idx)] = int(stats[labels[y, x], cv2.CC_STAT_AREA]) if labels[y, x] else 0
+    return areas
+
+
+def _holes_with(pixels: np.ndarray, contours, parent: np.ndarray) -> set[int]:
+    """Indices of the hole contours (``parent >= 0``) whose inside holds any of ``pixels``."""
+    import cv2
+
+    if not pixels.any():
+        return set()
+    labels = np.zeros(pixels.shape, np.int32)
+    for i in np.flatnonzero(parent >= 0):
+        cv2.drawContours(labels, contours, int(i), int(i) + 1, thickness=-1)
+    return {int(v) - 1 for v in np.unique(labels[pixels]) if v > 0}
 
 
 def _to_level0(contour: np.ndarray, sx: float, sy: float) -> np.ndarray:
@@ -354,3 +445,31 @@ def segmentation_image(
             # CLAM's level_downsamples: measured per axis from the level sizes.
             return rgb, (w0 / lw, h0 / lh)
     return slide.thumbnail(downsample)
+
+
+def tissue_mask(tissue: Tissue, image_wh: tuple[int, int] | None = None,
+                scale: tuple[float, float] | None = None) -> np.ndarray:
+    """The kept tissue (contours minus their holes) drawn as a bool mask ``[h, w]``.
+
+    Parameters
+    ----------
+    tissue : Tissue
+    image_wh : (int, int), optional
+        Size of the mask; defaults to the segmentation image (``tissue.image_wh``).
+    scale : (float, float), optional
+        Level-0 pixels per mask pixel; defaults to ``tissue.scale``.
+    """
+    import cv2
+
+    w, h = image_wh or tissue.image_wh
+    sx, sy = scale or tissue.scale
+    canvas = np.zeros((int(h), int(w)), np.uint8)
+
+    def pts(poly):
+        return np.round(np.asarray(poly, np.float64).reshape(-1, 2) / (sx, sy)).astype(np.int32).reshape(-1, 1, 2)
+
+    for contour, holes in zip(tissue.contours, tissue.holes):
+        cv2.drawContours(canvas, [pts(contour)], -1, 1, thickness=-1)
+        if holes:
+            cv2.drawContours(canvas, [pts(hole) for hole in holes], -1, 0, thickness=-1)
+    return canvas.astype(bool)

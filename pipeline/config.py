@@ -138,6 +138,8 @@ class SegmentConfig:
     a_t: float | None = None
     a_h: float | None = None
     max_n_holes: int | None = None
+    remove_ink: bool | None = None
+    ink_colours: str | None = None
     target_mpp: float = 0.5
     patch_px: int = 256
     patch_level: int | None = None  # set = CLAM mode: tile at a pyramid level, no mpp needed

@@ -1,7 +1,8 @@
 """Segmentation previews a person can check at a glance.
 
-One PNG per slide: the thumbnail with tissue outlines (green), holes (blue) and every kept
-patch as a translucent yellow square, plus a caption with the slide id, patch count and scale.
+One PNG per slide: the thumbnail with tissue outlines (green), holes (blue), ink and pen marks
+removed from the tissue (magenta) and every kept patch as a translucent yellow square,
+plus a caption with the slide id, patch count and scale.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 TISSUE = (0, 200, 0)
 HOLE = (30, 60, 255)
 PATCH = (255, 210, 0)
+INK = (255, 0, 200)
 #: Smallest long side of a preview: thumbnails of tiny slides are enlarged to at least this.
 MIN_LONG_PX = 480
 
@@ -25,6 +27,7 @@ def draw_preview(
     coords: np.ndarray,
     patch_px_level0: int,
     caption: str = "",
+    ink: list[np.ndarray] | None = None,
 ) -> np.ndarray:
     """Draw tissue, holes and patches on a copy of ``image``.
 
@@ -35,6 +38,7 @@ def draw_preview(
     contours, holes : level-0 ``[K, 2]`` (x, y) polygons, holes grouped per contour.
     coords : int64 ``[N, 2]`` level-0 top-left corners of the patches.
     patch_px_level0 : patch side in level-0 pixels.
+    ink : level-0 ``[K, 2]`` outlines of the ink removed from the tissue, drawn in magenta.
     """
     import cv2
 
@@ -64,6 +68,12 @@ def draw_preview(
         pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2) / (sx, sy)
         return np.round(pts).astype(np.int32).reshape(-1, 1, 2)
 
+    if ink:
+        # Filled at half strength with a solid outline, so the mark under it stays visible.
+        shade = canvas.copy()
+        cv2.fillPoly(shade, [to_thumb(c) for c in ink], INK)
+        canvas = cv2.addWeighted(shade, 0.5, canvas, 0.5, 0)
+        cv2.polylines(canvas, [to_thumb(c) for c in ink], True, INK, thick)
     if contours:
         cv2.polylines(canvas, [to_thumb(c) for c in contours], True, TISSUE, thick + 1)
     flat_holes = [h for group in holes for h in group]

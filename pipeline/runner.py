@@ -45,6 +45,7 @@ class SlideOutcome:
     state: str = "done"  # 'done' or 'empty'
     message: str = ""
     patches: int | None = None
+    extra: dict = field(default_factory=dict)  # stage-specific status.csv columns (e.g. ink area)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class SlideStatus:
     seconds: float = 0.0
     message: str = ""
     patches: int | None = None
+    extra: dict = field(default_factory=dict)
 
     @property
     def patches_per_s(self) -> float | None:
@@ -295,13 +297,15 @@ class StatusFile:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                **status.extra,
             }
+            extra_fields = list(dict.fromkeys(k for row in rows.values() for k in row if k not in STATUS_FIELDS))
             # Under the lock, any other temporary status file is a killed writer's leftover.
             for leftover in self.path.parent.glob(f".{self.path.name}.tmp-*"):
                 leftover.unlink(missing_ok=True)
             tmp = temp_path_for(self.path)
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=STATUS_FIELDS, extrasaction="ignore")
+                writer = csv.DictWriter(f, fieldnames=[*STATUS_FIELDS, *extra_fields], extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows.values())
             os.replace(tmp, self.path)
@@ -390,7 +394,8 @@ def _one_slide(stage, row, final: Path, fingerprint_value, work, overwrite, lock
             raise PipelineError(f"internal error: the {stage} step wrote no output for {sid}")
         stamp_fingerprint(tmp, fingerprint_value, stage)
         commit(tmp, final)
-        status = SlideStatus(sid, outcome.state, time.perf_counter() - t0, outcome.message, outcome.patches)
+        status = SlideStatus(sid, outcome.state, time.perf_counter() - t0, outcome.message, outcome.patches,
+                             dict(outcome.extra))
     except KeyboardInterrupt:
         tmp.unlink(missing_ok=True)
         lock.release()

@@ -19,7 +19,7 @@ from .workspace import Workspace, fingerprint, seg_tag
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SEG_FLAGS = ("preset", "sthresh", "mthresh", "close", "use_otsu", "a_t", "a_h", "max_n_holes",
+SEG_FLAGS = ("preset", "sthresh", "mthresh", "close", "use_otsu", "a_t", "a_h", "max_n_holes", "remove_ink", "ink_colours",
              "target_mpp", "patch_px", "patch_level", "step_px", "contour_fn", "use_padding",
              "seg_downsample", "tag", "previews")
 
@@ -45,6 +45,12 @@ def segment_params_record(config: SegmentConfig) -> dict:
     record.pop("previews")
     record.pop("tag")
     record["segmentation"] = dataclasses.asdict(segmentation_params(config))
+    # Without ink removal the record (and so every existing workspace's fingerprint) is unchanged.
+    for key in ("remove_ink", "ink_colours"):
+        record.pop(key)
+    if not record["segmentation"]["remove_ink"]:
+        for key in ("remove_ink", "ink_colours"):
+            record["segmentation"].pop(key)
     record["format_version"] = FORMAT_VERSION
     return record
 
@@ -106,9 +112,22 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
 
     n = int(len(coords))
     mpp_text = f"mpp {slide_mpp:.4f} from {mpp_source}" if slide_mpp else "no mpp (level-based tiling)"
+    ink_text, extra = _ink_report(tissue, slide_mpp) if params.remove_ink else ("", {})
     if n:
-        return SlideOutcome("done", f"{len(tissue.contours)} contour(s); {mpp_text}", patches=n)
-    return SlideOutcome("empty", _why_empty(tissue, patch0, slide_wh), patches=0)
+        return SlideOutcome("done", f"{len(tissue.contours)} contour(s); {mpp_text}{ink_text}", patches=n, extra=extra)
+    return SlideOutcome("empty", _why_empty(tissue, patch0, slide_wh) + ink_text, patches=0, extra=extra)
+
+
+def _ink_report(tissue, slide_mpp) -> tuple[str, dict]:
+    """Ink removed, for the status message and its status.csv columns (percent of the thresholded
+    tissue; mm^2 when the slide has an mpp)."""
+    sx, sy = tissue.scale
+    mm2 = tissue.ink_removed_px * sx * sy * slide_mpp**2 / 1e6 if slide_mpp else None
+    colours = ", ".join(f"{c} {100 * px / max(1, tissue.threshold_px):.2f}%"
+                        for c, px in tissue.ink_px.items() if px)
+    text = f"; ink removed {100 * tissue.ink_fraction:.2f}% of tissue" + (f" ({colours})" if colours else "")
+    extra = {"ink_pct": f"{100 * tissue.ink_fraction:.3f}", "ink_mm2": "" if mm2 is None else f"{mm2:.4f}"}
+    return text, extra
 
 
 def _why_empty(tissue, patch0: int, slide_wh: tuple[int, int] | None = None) -> str:
@@ -128,7 +147,10 @@ def _write_preview(slide, image, scale, tissue, coords, patch0, slide_id, path: 
         image, scale = slide.thumbnail(max(1.0, max(slide.dimensions) / 1200))
     mpp_text = f", {slide_mpp:.3f} um/px" if slide_mpp else ""
     caption = f"{slide_id}: {len(coords)} patches of {patch0} level-0 px{mpp_text}"
-    save_png(path, draw_preview(image, scale, tissue.contours, tissue.holes, coords, patch0, caption))
+    if tissue.params.remove_ink:
+        caption += f", ink {100 * tissue.ink_fraction:.1f}% removed"
+    save_png(path, draw_preview(image, scale, tissue.contours, tissue.holes, coords, patch0, caption,
+                                ink=tissue.ink_contours))
 
 
 def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, shard: str | None = None,

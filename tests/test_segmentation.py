@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -123,7 +125,7 @@ def test_no_patch_centre_lies_in_a_painted_hole(painted_slide):
 
 
 def test_presets_match_the_yaml_configs_and_clam():
-    assert list_presets() == ["bwh_biopsy", "bwh_resection", "default", "tcga"]
+    assert list_presets() == ["biopsy_ink", "bwh_biopsy", "bwh_resection", "default", "tcga"]
     for name in list_presets():
         values = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
         assert SegmentParams(**values) == PRESETS[name], name
@@ -131,10 +133,12 @@ def test_presets_match_the_yaml_configs_and_clam():
     assert PRESETS["default"] == SegmentParams()
     assert PRESETS["bwh_biopsy"] == SegmentParams(15, 11, 2, False, 1, 1, 2)
     assert PRESETS["tcga"].a_t == 16 and PRESETS["tcga"].a_h == 4
+    # Ours: CLAM's biopsy preset plus ink removal.
+    assert PRESETS["biopsy_ink"] == dataclasses.replace(PRESETS["bwh_biopsy"], remove_ink=True)
 
 
 def test_load_preset_errors_name_the_choices_and_the_bad_key(tmp_path):
-    with pytest.raises(ConfigError, match="unknown segmentation preset 'biopsy'; choose one of bwh_biopsy"):
+    with pytest.raises(ConfigError, match="unknown segmentation preset 'biopsy'; choose one of biopsy_ink, bwh_biopsy"):
         load_preset("biopsy")
     bad = tmp_path / "mine.yaml"
     bad.write_text("sthresh: 10\nmthres: 7\n")

@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     g = p.add_argument_group("extraction")
     g.add_argument("--backbone", help="backbone name (see --list-backbones); timm:<name> for any timm model")
-    g.add_argument("--weights", help="imagenet | random | PATH to a local checkpoint (.pth/.pt/.safetensors)")
+    g.add_argument("--backbone-kw", help="timm:<name> only: key=value,... passed to timm.create_model")
+    g.add_argument("--weights", help="imagenet | random | PATH to a local checkpoint (.pth/.pt/.bin/.safetensors) "
+                                     "or the folder holding it (e.g. a Hugging Face snapshot)")
     g.add_argument("--seg-tag", help="which segmentation to read (default: the only one in the workspace)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--num-workers", type=int, help="reader processes per device")

@@ -169,6 +169,7 @@ class ExtractConfig:
     """Feature extraction with one backbone."""
 
     backbone: str = "resnet50_trunc"
+    backbone_kw: str | None = None  # timm:<name> only: "key=value,..." for timm.create_model
     weights: str = "imagenet"
     batch_size: int = 256
     num_workers: int = 2

@@ -34,7 +34,7 @@ from .workspace import Workspace, fingerprint
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-EXTRACT_FLAGS = ("backbone", "weights", "batch_size", "num_workers", "device", "precision",
+EXTRACT_FLAGS = ("backbone", "backbone_kw", "weights", "batch_size", "num_workers", "device", "precision",
                  "dtype", "compile", "seg_tag", "export_pt")
 
 
@@ -60,8 +60,9 @@ def select_device(spec: str = "auto"):
     return device
 
 
-def autocast_dtype(device, precision: str):
-    """bf16 on CUDA where supported (fp16 otherwise); fp32 on CPU unless asked."""
+def autocast_dtype(device, precision: str, preferred: str = "bf16"):
+    """``auto``: the encoder's ``preferred`` half type on CUDA (bf16 -> fp16 where bf16 is not
+    supported); fp32 on CPU unless asked."""
     import torch
 
     if precision == "fp32":
@@ -71,6 +72,10 @@ def autocast_dtype(device, precision: str):
     if precision == "fp16":
         return torch.float16
     if device.type == "cuda":
+        if preferred == "fp32":
+            return None
+        if preferred == "fp16":
+            return torch.float16
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None  # CPU autocast is slower than fp32 on most CPUs
 
@@ -87,19 +92,28 @@ class Extractor:
     def create(cls, config: ExtractConfig) -> "Extractor":
         import torch
 
-        from extract.backbones import create_backbone, list_backbones
+        from extract.backbones import backbone_card, create_backbone, is_backbone, list_backbones, parse_backbone_kw
 
-        if config.backbone not in list_backbones() and not config.backbone.startswith("timm:"):
+        if not is_backbone(config.backbone):
+            import difflib
+
+            close = difflib.get_close_matches(config.backbone, list_backbones(), n=3)
             raise ConfigError(
-                f"The 'backbone' parameter must be one of {', '.join(list_backbones())} or timm:<model name> "
-                f"(see `wsi-pipeline extract --list-backbones`). Got {config.backbone!r} instead."
+                f"The 'backbone' parameter must be a registered encoder "
+                f"({'closest: ' + ', '.join(close) if close else 'resnet50_trunc, uni, conch_v15, virchow2, ...'}) "
+                f"or timm:<model name> (see `wsi-pipeline extract --list-backbones`). Got {config.backbone!r} instead."
             )
+        kwargs = parse_backbone_kw(config.backbone_kw)
+        if kwargs and not config.backbone.startswith("timm:"):
+            raise ConfigError(f"--backbone-kw applies to timm:<name> backbones; {config.backbone} is registered "
+                              "with its exact architecture (see --list-backbones)")
         device = select_device(config.device)
-        model = create_backbone(config.backbone, weights=config.weights)
+        model = create_backbone(config.backbone, weights=config.weights, **kwargs)
         model = model.to(device).eval().to(memory_format=torch.channels_last)
         if config.compile:
             model = torch.compile(model)
-        return cls(model, device, autocast_dtype(device, config.precision))
+        card = backbone_card(config.backbone)
+        return cls(model, device, autocast_dtype(device, config.precision, card.precision if card else "bf16"))
 
     @property
     def config(self):
@@ -146,6 +160,7 @@ def extract_slide(row, tmp_path: Path, coords_path: Path, extractor: Extractor, 
         "weights": bb.weights_id,
         "feature_dim": int(bb.feature_dim),
         "input_size": int(bb.input_size),
+        "preprocessing": json.dumps(bb.preprocessing(), sort_keys=True),
         "patch_size_level0": int(cattrs["patch_size_level0"]),
         "target_mpp": float(cattrs.get("target_mpp", -1.0)),
         "slide_mpp": float(cattrs.get("slide_mpp", -1.0)),
@@ -231,10 +246,19 @@ def run_extract(manifest_path: Path, workspace: Path, config: ExtractConfig, sha
 
     extractor = Extractor.create(config)  # fails here, before any slide, if weights are missing
     bb = extractor.config
+    from .encoder_geometry import geometry_warning
+
+    mismatch = geometry_warning(config.backbone, tag, _seg_tiling(seg_record))
+    if mismatch:
+        log.warning("%s", mismatch)
     btag = backbone_tag(config.backbone, bb.weights_id)
     out_dir = ws.features_dir(btag, tag)
     record = {"backbone": bb.name, "weights": bb.weights_id, "input_size": bb.input_size,
               "dtype": config.dtype, "segmentation": seg_params, "format_version": FORMAT_VERSION}
+    if config.backbone_kw:
+        record["backbone_kw"] = config.backbone_kw
+    if bb.preprocessing() != _legacy_preprocessing(bb):
+        record["preprocessing"] = bb.preprocessing()
     digest = fingerprint(record)
     check_stage_params(out_dir, record, digest, overwrite)
     dump_yaml(config, out_dir / "config.yaml")
@@ -262,6 +286,19 @@ def run_extract(manifest_path: Path, workspace: Path, config: ExtractConfig, sha
                 export_pt(bag, tmp)
                 os.replace(tmp, pt)
     return summary, out_dir
+
+
+def _legacy_preprocessing(bb) -> dict:
+    """What the preprocessing of ``bb`` would be under the first format (resize only)."""
+    return {"resize_px": int(bb.input_size), "crop_px": int(bb.input_size), "interpolation": bb.interpolation,
+            "antialias": True, "mean": [float(v) for v in bb.mean], "std": [float(v) for v in bb.std]}
+
+
+def _seg_tiling(seg_record: Path) -> dict:
+    try:
+        return json.loads(seg_record.read_text()).get("params", {})
+    except (OSError, ValueError):
+        return {}
 
 
 def _remove_dead_leftovers(final: Path) -> None:
@@ -309,9 +346,9 @@ def _spawn_per_device(args, devices: str) -> int:
 
 def extract_command(args) -> int:
     if args.list_backbones:
-        from extract.backbones import list_backbones
+        from extract.backbones import backbone_table
 
-        print("\n".join(list_backbones() + ["timm:<any timm model name>"]))
+        print(backbone_table())
         return 0
     if args.devices:
         return _spawn_per_device(args, args.devices)

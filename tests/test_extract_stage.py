@@ -136,9 +136,12 @@ def test_slide_that_failed_segmentation_says_why_in_extract(tmp_path, slides_dir
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--backbone", "resnet99"], "The 'backbone' parameter must be one of resnet18, resnet50, resnet50_trunc "
-                                 "or timm:<model name> (see `wsi-pipeline extract --list-backbones`). "
-                                 "Got 'resnet99' instead."),
+    (["--backbone", "resnet99"], "The 'backbone' parameter must be a registered encoder (closest: resnet50, "
+                                 "resnet18) or timm:<model name> (see `wsi-pipeline extract "
+                                 "--list-backbones`). Got 'resnet99' instead."),
+    (["--backbone", "uni", "--weights", "imagenet"], "backbone 'uni' needs its weights from a local file: pass --weights PATH to "
+                            "pytorch_model.bin (Hugging Face MahmoodLab/UNI) or its folder"),
+    (["--backbone", "resnet18", "--backbone-kw", "img_size=96"], "--backbone-kw applies to timm:<name> backbones"),
     (["--seg-tag", "mpp0.25_256px"], "pass one of those with --seg-tag"),
 ])
 def test_extract_mistakes_are_one_line_naming_the_flag(cmu_workspace, capsys, flags, expected):

@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/read_bench.py
 	$(PY) benchmarks/extract_bench.py
 	$(PY) benchmarks/train_bench.py
+	$(PY) benchmarks/runner_bench.py
 
 clean-demo:
 	rm -rf $(DEMO)

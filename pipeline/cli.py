@@ -110,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="segment -> extract -> train -> evaluate from one config")
     _common(p)
 
+    p = sub.add_parser("status", help="done / failed / pending / running per stage of a workspace, with ETA",
+                       description="One table across stages and backbones, who is running what, and the failures.")
+    p.add_argument("--workspace", type=Path, help="workspace folder")
+    p.add_argument("--config", type=Path, help="YAML config (its 'workspace' and 'manifest')")
+    p.add_argument("--manifest", type=Path, help="count pending slides against this manifest "
+                   "(default: the one each stage last ran on)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+
     p = sub.add_parser("make-demo", help="write a generated cohort of pyramidal SVS slides and its manifest")
     p.add_argument("--out", type=Path, required=True, help="folder for the slides and manifest.csv")
     p.add_argument("--slides", type=int, default=24)
@@ -157,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from .run_stage import run_command
             return run_command(args)
+        if args.command == "status":
+            from .status import status_command
+            return status_command(args)
     except PipelineError as exc:
         log.error("%s", exc)
         return 2

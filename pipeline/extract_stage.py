@@ -27,7 +27,7 @@ from extract.errors import ConfigError, SlideError
 from .config import ExtractConfig, dump_yaml, resolve_stage
 from .logging_setup import attach_run_log
 from .manifest import load_manifest, parse_shard
-from .runner import (SlideOutcome, StatusFile, pid_alive, check_stage_params, run_slides,
+from .runner import (SlideOutcome, SlideRecords, StatusFile, pid_alive, check_stage_params, run_slides,
                      temp_path_for)
 from .workspace import Workspace, fingerprint
 
@@ -267,13 +267,15 @@ def run_extract(manifest_path: Path, workspace: Path, config: ExtractConfig, sha
              bb.feature_dim, extractor.device, precision, out_dir)
 
     seg_statuses = StatusFile(ws.segment_dir(tag) / "status.csv").read()
+    seg_records = SlideRecords(ws.segment_dir(tag))  # fresher than status.csv while segment runs
 
     def work(row, tmp):
+        seg_status = seg_records.get(row.slide_id) or seg_statuses.get(row.slide_id)
         return extract_slide(row, tmp, ws.coords_path(tag, row.slide_id), extractor, config, progress,
-                             seg_status=seg_statuses.get(row.slide_id))
+                             seg_status=seg_status)
 
     summary = run_slides("extract", manifest.rows, out_dir, lambda r: ws.bag_path(btag, tag, r.slide_id),
-                         digest, work, overwrite=overwrite, progress=progress)
+                         digest, work, overwrite=overwrite, progress=progress, manifest=manifest_path)
     if config.export_pt:
         pt_dir = out_dir / "pt_files"
         pt_dir.mkdir(exist_ok=True)

@@ -8,15 +8,18 @@ commit, the status row, the progress bar and the error boundary. A stage supplie
 for. A slide made with other parameters is refused unless ``overwrite``; a partial or corrupt
 file is redone. Several processes (shards, GPUs, nodes on a shared filesystem) may run the same
 batch: each slide is claimed with an ``O_CREAT | O_EXCL`` lock file that names its host, pid and
-start time, and a lock whose process is dead (same host) or older than ``stale_lock_s`` (other
-hosts) is taken over.
+start time (and its Slurm job), and a lock whose process is dead (same host), whose Slurm job is
+no longer running, or that is older than ``stale_lock_s`` (other hosts) is taken over.
+
+Bookkeeping costs the same per slide at 30,000 slides as at 10: each slide's outcome is its own
+small record (``<dir>/.records/<slide_id>.json``, written atomically), and the human-readable
+``status.csv`` is aggregated from the records once, at the end of a batch (and by
+``wsi-pipeline status``), never rewritten per slide.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import fcntl
 import json
 import logging
 import os
@@ -26,13 +29,18 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections import Counter
 from typing import Callable, Iterable
 
 from extract.errors import ConfigError, PipelineError
 
+from .records import STATUS_FIELDS, SlideRecords, StatusFile
+from .scheduler import current_job, job_running
+
 log = logging.getLogger(__name__)
 
-STATUS_FIELDS = ("slide_id", "state", "seconds", "patches", "patches_per_s", "message", "host", "pid", "finished")
+__all__ = ["STATUS_FIELDS", "SlideRecords", "StatusFile", "SlideOutcome", "SlideStatus", "BatchSummary",
+           "SlideLock", "run_slides", "commit", "temp_path_for", "pid_alive", "check_stage_params"]
 # States a slide can end a batch in. 'done'/'empty'/'skipped' are successes; 'locked' means
 # another live process holds it; 'failed' and 'refused' make the command exit non-zero.
 OK_STATES = ("done", "empty", "skipped")
@@ -69,9 +77,18 @@ class BatchSummary:
     stage: str
     statuses: list[SlideStatus] = field(default_factory=list)
     seconds: float = 0.0
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, status: SlideStatus) -> None:
+        self.statuses.append(status)
+        self.counts[status.state] += 1
 
     def count(self, state: str) -> int:
-        return sum(s.state == state for s in self.statuses)
+        # Kept in step by add(): asked once per slide for the progress bar, a scan would make
+        # the batch quadratic.
+        if sum(self.counts.values()) != len(self.statuses):
+            self.counts = Counter(s.state for s in self.statuses)
+        return self.counts[state]
 
     @property
     def failed(self) -> list[SlideStatus]:
@@ -115,14 +132,23 @@ def temp_path_for(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
-def commit(tmp: Path, final: Path) -> None:
-    """fsync ``tmp`` and rename it over ``final``; the final name appears complete or not at all."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def commit(tmp: Path, final: Path, durable: bool = True) -> None:
+    """fsync ``tmp`` and rename it over ``final``; the final name appears complete or not at all.
+
+    ``durable=False`` skips both fsyncs (file and folder): the rename is still atomic and a
+    killed process still leaves nothing half-written, but after a power loss or kernel crash a
+    just-committed file may be missing or empty; the runner then redoes that slide, because
+    "done" means "opens and carries the fingerprint".
+    """
+    if durable:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     os.replace(tmp, final)
+    if not durable:
+        return
     with contextlib.suppress(OSError):
         dir_fd = os.open(final.parent, os.O_RDONLY)
         try:
@@ -191,6 +217,30 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def lock_info() -> dict:
+    """What a lock (and a record) says about its holder: host, pid, time, and the Slurm job."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **current_job()}
+
+
+def holder_is_gone(info: dict, age_s: float, stale_lock_s: float) -> bool:
+    """Whether the process that wrote lock ``info`` (``age_s`` old) can no longer be working.
+
+    Same host: its pid is dead. A Slurm job: the scheduler says it no longer runs, or it is this
+    very job and array task (a requeued task meeting its own pre-empted self). Otherwise: older
+    than ``stale_lock_s``.
+    """
+    if info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", -1))):
+        return True
+    if info.get("job"):
+        mine = current_job()
+        if mine and mine.get("job") == info["job"] and mine.get("job_id") == info.get("job_id") \
+                and info.get("host") != socket.gethostname():
+            return True
+        if info.get("host") != socket.gethostname() and job_running(str(info["job"])) is False:
+            return True
+    return info.get("host") != socket.gethostname() and age_s > stale_lock_s
+
+
 class SlideLock:
     """An exclusive claim on one slide: ``<dir>/.locks/<slide_id>.lock``."""
 
@@ -200,12 +250,15 @@ class SlideLock:
         self.held = False
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # The lock appears with its content in one step (write a private file, then hard-link it
         # to the lock name, which fails if the lock exists): a competitor never reads an empty
         # lock file and mistakes it for a stale one. os.link is atomic on local disks and NFS.
         mine = self.path.with_name(f".{self.path.name}.{socket.gethostname()}-{os.getpid()}")
-        mine.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
+        try:
+            mine.write_text(json.dumps(lock_info()))
+        except FileNotFoundError:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            mine.write_text(json.dumps(lock_info()))
         try:
             for _ in range(2):
                 try:
@@ -232,10 +285,8 @@ class SlideLock:
             info = json.loads(text) if text else {}
         except ValueError:
             info = {}
-        same_host = info.get("host") == socket.gethostname()
         if info:
-            stale = (same_host and not pid_alive(int(info.get("pid", -1)))) or (
-                not same_host and age > self.stale_lock_s)
+            stale = holder_is_gone(info, age, self.stale_lock_s)
         else:  # unreadable: a crash of an older writer; give it a minute before taking over
             stale = age > 60
         if not stale:
@@ -267,51 +318,32 @@ class SlideLock:
             self.held = False
 
 
-# -- status -----------------------------------------------------------------------------------
-
-class StatusFile:
-    """``status.csv`` with one row per slide, updated under an exclusive file lock."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def read(self) -> dict[str, dict]:
-        if not self.path.is_file():
-            return {}
-        with open(self.path, newline="") as f:
-            return {row["slide_id"]: row for row in csv.DictReader(f)}
-
-    def update(self, status: SlideStatus) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(".status.lock"), "w") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)
-            rows = self.read()
-            rate = status.patches_per_s
-            rows[status.slide_id] = {
-                "slide_id": status.slide_id,
-                "state": status.state,
-                "seconds": f"{status.seconds:.2f}",
-                "patches": "" if status.patches is None else status.patches,
-                "patches_per_s": "" if rate is None else f"{rate:.1f}",
-                "message": status.message.replace("\n", " ")[:500],
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                **status.extra,
-            }
-            extra_fields = list(dict.fromkeys(k for row in rows.values() for k in row if k not in STATUS_FIELDS))
-            # Under the lock, any other temporary status file is a killed writer's leftover.
-            for leftover in self.path.parent.glob(f".{self.path.name}.tmp-*"):
-                leftover.unlink(missing_ok=True)
-            tmp = temp_path_for(self.path)
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=[*STATUS_FIELDS, *extra_fields], extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows.values())
-            os.replace(tmp, self.path)
-
-
 # -- the loop ---------------------------------------------------------------------------------
+
+class _Leftovers:
+    """Temporary files of killed runs, found with one scan per output folder and batch.
+
+    A glob per slide would list the whole output folder each time (quadratic at 30,000
+    slides); a slide's leftovers are deleted only once its lock is held, so a live writer's
+    temporary file is never touched.
+    """
+
+    def __init__(self):
+        self._by_folder: dict[Path, dict[str, list[str]]] = {}
+
+    def of(self, final: Path) -> list[Path]:
+        folder = final.parent
+        found = self._by_folder.get(folder)
+        if found is None:
+            found = {}
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(folder):
+                    name = entry.name
+                    if name.startswith(".") and ".tmp-" in name:
+                        found.setdefault(name[1:name.index(".tmp-")], []).append(name)
+            self._by_folder[folder] = found
+        return [folder / n for n in found.pop(final.name, ())]
+
 
 def run_slides(
     stage: str,
@@ -323,6 +355,8 @@ def run_slides(
     overwrite: bool = False,
     progress: bool = True,
     stale_lock_s: float = 6 * 3600,
+    durable: bool = True,
+    manifest: Path | None = None,
 ) -> BatchSummary:
     """Run ``work`` once per manifest row that is not done yet.
 
@@ -330,42 +364,90 @@ def run_slides(
     ----------
     stage : name for logs and the summary ("segment", "extract").
     rows : manifest rows (objects with ``slide_id``).
-    out_dir : folder of ``status.csv`` and ``.locks/``.
+    out_dir : folder of ``status.csv``, ``.records/`` and ``.locks/``.
     output_path : final output file of a row.
     fingerprint_value : digest of the parameters; stored in each output.
     work : writes the output of one row to the temporary path it is given; raises a
         :class:`PipelineError` (or anything else) to fail that slide alone.
     overwrite : redo slides whose outputs were made with other parameters.
+    stale_lock_s : age after which another host's lock is taken over when neither its process
+        nor its Slurm job can be checked.
+    durable : fsync each output before its rename (see :func:`commit`); costs one disk flush
+        per slide (~5-9 ms on a virtual disk), negligible next to real slides.
+    manifest : the manifest the rows come from, remembered in ``<out_dir>/manifest.json`` so
+        that ``wsi-pipeline status`` can count the slides still pending.
+
+    Each finished slide costs a constant amount of bookkeeping (its lock and one record);
+    ``status.csv`` is rebuilt once, when the batch ends (also after Ctrl-C).
     """
     from tqdm.auto import tqdm
 
     rows = list(rows)
-    status_file = StatusFile(out_dir / "status.csv")
+    records = SlideRecords(out_dir)
     summary = BatchSummary(stage)
     lock_dir = out_dir / ".locks"
+    leftovers = _Leftovers()
+    if manifest is not None:
+        _remember_manifest(out_dir, Path(manifest))
     start = time.perf_counter()
     # Under nohup or a batch scheduler a progress bar fills the log with carriage returns:
     # there, one log line per slide tells how far an overnight batch got.
     interactive = progress and sys.stderr.isatty()
     bar = tqdm(rows, desc=stage, unit="slide", disable=not interactive, dynamic_ncols=True)
-    for i, row in enumerate(bar, 1):
-        status = _one_slide(stage, row, output_path(row), fingerprint_value, work, overwrite,
-                            lock_dir, stale_lock_s, status_file)
-        summary.statuses.append(status)
-        rate = f", {status.patches} patches ({status.patches_per_s:.1f}/s)" if status.patches_per_s else ""
-        log.log(logging.DEBUG if interactive else logging.INFO, "%s [%d/%d] %s: %s in %.1f s%s",
-                stage, i, len(rows), row.slide_id, status.state, status.seconds, rate)
-        bar.set_postfix_str(
-            " ".join(f"{s}={summary.count(s)}" for s in ("done", "skipped", "empty", "failed") if summary.count(s)),
-            refresh=False,
-        )
+    try:
+        for i, row in enumerate(bar, 1):
+            status = _one_slide(stage, row, output_path(row), fingerprint_value, work, overwrite,
+                                lock_dir, stale_lock_s, records, leftovers, durable)
+            summary.add(status)
+            rate = f", {status.patches} patches ({status.patches_per_s:.1f}/s)" if status.patches_per_s else ""
+            log.log(logging.DEBUG if interactive else logging.INFO, "%s [%d/%d] %s: %s in %.1f s%s",
+                    stage, i, len(rows), row.slide_id, status.state, status.seconds, rate)
+            if interactive:
+                bar.set_postfix_str(
+                    " ".join(f"{s}={summary.count(s)}" for s in ("done", "skipped", "empty", "failed")
+                             if summary.count(s)),
+                    refresh=False,
+                )
+    finally:
+        if summary.count("done") + summary.count("empty") + summary.count("failed") + summary.count("refused"):
+            StatusFile(out_dir / "status.csv").rebuild(records)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
+def _remember_manifest(out_dir: Path, manifest: Path) -> None:
+    path = out_dir / "manifest.json"
+    text = json.dumps({"manifest": str(manifest.resolve())})
+    with contextlib.suppress(OSError):
+        if path.read_text() == text:
+            return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _record(status: SlideStatus, started: float) -> dict:
+    rate = status.patches_per_s
+    return {
+        "slide_id": status.slide_id,
+        "state": status.state,
+        "seconds": round(status.seconds, 3),
+        "patches": status.patches,
+        "patches_per_s": None if rate is None else round(rate, 1),
+        "message": status.message.replace("\n", " ")[:500],
+        "extra": dict(status.extra),  # stage-specific status.csv columns (e.g. ink area)
+        **lock_info(),
+        "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "finished_time": time.time(),
+    }
+
+
 def _one_slide(stage, row, final: Path, fingerprint_value, work, overwrite, lock_dir,
-               stale_lock_s, status_file) -> SlideStatus:
+               stale_lock_s, records: SlideRecords, leftovers: _Leftovers, durable: bool = True) -> SlideStatus:
     sid = row.slide_id
+    started = time.time()
     existing = read_fingerprint(final)
     if existing == fingerprint_value and not overwrite:
         return SlideStatus(sid, "skipped", message="done earlier")
@@ -374,7 +456,7 @@ def _one_slide(stage, row, final: Path, fingerprint_value, work, overwrite, lock
             sid, "refused",
             message=f"{final.name} was made with other parameters; rerun with --overwrite to replace it",
         )
-        status_file.update(status)
+        records.write(_record(status, started))
         return status
 
     lock = SlideLock(lock_dir, sid, stale_lock_s)
@@ -382,18 +464,19 @@ def _one_slide(stage, row, final: Path, fingerprint_value, work, overwrite, lock
         return SlideStatus(sid, "locked", message="another process is working on it")
     tmp = temp_path_for(final)
     t0 = time.perf_counter()
+    status = None
     try:
         # Another process may have finished it between our check and our lock.
         if read_fingerprint(final) == fingerprint_value and not overwrite:
             return SlideStatus(sid, "skipped", message="done by another process")
         final.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in final.parent.glob(f".{final.name}.tmp-*"):
+        for leftover in leftovers.of(final):
             leftover.unlink(missing_ok=True)  # a killed run's partial file; we hold the lock
         outcome = work(row, tmp)
         if not tmp.is_file():
             raise PipelineError(f"internal error: the {stage} step wrote no output for {sid}")
         stamp_fingerprint(tmp, fingerprint_value, stage)
-        commit(tmp, final)
+        commit(tmp, final, durable)
         status = SlideStatus(sid, outcome.state, time.perf_counter() - t0, outcome.message, outcome.patches,
                              dict(outcome.extra))
     except KeyboardInterrupt:
@@ -409,6 +492,9 @@ def _one_slide(stage, row, final: Path, fingerprint_value, work, overwrite, lock
         log.debug("%s", traceback.format_exc())
     finally:
         tmp.unlink(missing_ok=True)
+        # The record is written while the lock is still held, so `status` never sees a slide
+        # with neither a live lock nor its outcome.
+        if status is not None:
+            records.write(_record(status, started))
         lock.release()
-    status_file.update(status)
     return status

@@ -179,7 +179,7 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
         return segment_slide(row, tmp, config, preview, default_mpp=slide_mpp)
 
     summary = run_slides("segment", manifest.rows, out_dir, lambda r: ws.coords_path(tag, r.slide_id),
-                         digest, work, overwrite=overwrite, progress=progress)
+                         digest, work, overwrite=overwrite, progress=progress, manifest=manifest_path)
     return summary, tag
 
 

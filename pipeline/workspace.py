@@ -2,7 +2,7 @@
 
     <ws>/segment/<seg_tag>/coords/<slide_id>.h5
     <ws>/segment/<seg_tag>/previews/<slide_id>.png
-    <ws>/segment/<seg_tag>/status.csv
+    <ws>/segment/<seg_tag>/status.csv     (rebuilt from .records/<slide_id>.json; .locks/ hold claims)
     <ws>/features/<backbone_tag>/<seg_tag>/<slide_id>.h5
     <ws>/features/<backbone_tag>/<seg_tag>/status.csv
     <ws>/experiments/<name>/fold_<k>/{last.pt,best.pt,history.csv}

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove ink and pen marks from the tissue (on in the biopsy_ink preset)")
     g.add_argument("--keep-ink", dest="remove_ink", action="store_false", default=None, help="turn a preset's ink removal off")
     g.add_argument("--ink-colours", help="marker colours to remove (default blue,green,black,red)")
+    g.add_argument("--include-geojson", help="folder of <slide_id>.geojson (QuPath): tile only inside these polygons")
+    g.add_argument("--exclude-geojson", help="folder of <slide_id>.geojson (QuPath): drop patches inside these polygons")
     g = p.add_argument_group("tiling")
     g.add_argument("--target-mpp", type=float, help="patch resolution in micrometres per pixel (default 0.5 = 20x)")
     g.add_argument("--patch-size", dest="patch_px", type=int, help="patch size in pixels at the target resolution (default 256)")

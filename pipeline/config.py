@@ -140,6 +140,8 @@ class SegmentConfig:
     max_n_holes: int | None = None
     remove_ink: bool | None = None
     ink_colours: str | None = None
+    include_geojson: str | None = None  # folder of <slide_id>.geojson: only patches inside these polygons
+    exclude_geojson: str | None = None  # folder of <slide_id>.geojson: patches inside these polygons dropped
     target_mpp: float = 0.5
     patch_px: int = 256
     patch_level: int | None = None  # set = CLAM mode: tile at a pyramid level, no mpp needed

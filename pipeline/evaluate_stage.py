@@ -803,6 +803,16 @@ def _heatmaps(ws: Workspace, out_dir: Path, chosen: list[dict], features_dir: Pa
     return written
 
 
+def _geojson(ws: Workspace, out_dir: Path, rows: pd.DataFrame, instance: dict, bags, features_dir: Path) -> None:
+    """Patch tiles with per-fold instance scores and the slide predictions, for QuPath."""
+    from mil.data import find_bag
+
+    from .prediction_geojson import write_prediction_geojson
+
+    write_prediction_geojson(out_dir / "geojson", rows, instance, bags.coords,
+                             lambda sid, c: _patch_size_level0(ws, features_dir, sid, find_bag(features_dir, sid), c))
+
+
 def _title(slide_id: str, row: dict, task: str, classes) -> str:
     if task == "survival":
         parts = [slide_id, f"risk {row['risk']:.3f}"]
@@ -956,6 +966,7 @@ def run_evaluation(
         _figures(out_dir, metrics, pred, classes, title)
         _write_run_config(out_dir, _run_record(experiment, protocol, n_heat, own_manifest_path,
                                                      own_features, device, n_boot, gallery_k, cmap, threshold))
+        _geojson(ws, out_dir, pred[pred["split"] == "test"], instance, bags, own_features)
         if n_heat != 0:
             test = _first_seed(pred[pred["split"] == "test"]).to_dict("records")
             test.sort(key=lambda r: -_order_key(r, task, classes))
@@ -1009,6 +1020,9 @@ def run_evaluation(
         _figures(out_dir, ext_metrics, ext_pred, classes, title, ensemble=ens)
     _write_run_config(out_dir, _run_record(experiment, protocol, n_heat, manifest_path, features_dir,
                                                  device, n_boot, gallery_k, cmap, threshold))
+    _geojson(ws, out_dir, pd.concat([ext_pred, ens], ignore_index=True),
+             {(u.seed, u.fold, sid): scores[i] for sid, scores in ext_instance.items()
+              for i, u in enumerate(exp.units) if i < len(scores)}, ext_bags, features_dir)
     if n_heat != 0:
         from .heatmaps import rank_normalize
 

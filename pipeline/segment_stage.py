@@ -19,7 +19,7 @@ from .workspace import Workspace, fingerprint, seg_tag
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SEG_FLAGS = ("preset", "sthresh", "mthresh", "close", "use_otsu", "a_t", "a_h", "max_n_holes", "remove_ink", "ink_colours",
+SEG_FLAGS = ("preset", "sthresh", "mthresh", "close", "use_otsu", "a_t", "a_h", "max_n_holes", "remove_ink", "ink_colours", "include_geojson", "exclude_geojson",
              "target_mpp", "patch_px", "patch_level", "step_px", "contour_fn", "use_padding",
              "seg_downsample", "tag", "previews")
 
@@ -51,13 +51,19 @@ def segment_params_record(config: SegmentConfig) -> dict:
     if not record["segmentation"]["remove_ink"]:
         for key in ("remove_ink", "ink_colours"):
             record["segmentation"].pop(key)
+    for key in ("include_geojson", "exclude_geojson"):
+        if record[key] is None:
+            record.pop(key)
+        else:
+            record[key] = str(Path(record[key]).resolve())
     record["format_version"] = FORMAT_VERSION
     return record
 
 
 def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path | None,
-                  default_mpp: float | None = None) -> SlideOutcome:
-    """Segment and tile one slide into ``tmp_path`` (coords HDF5); draw its preview."""
+                  default_mpp: float | None = None, geojson_path: Path | None = None) -> SlideOutcome:
+    """Segment and tile one slide into ``tmp_path`` (coords HDF5); draw its preview; write its
+    tissue as GeoJSON to ``geojson_path``."""
     from extract.coords_file import write_coords
     from extract.segmentation import segment_tissue, segmentation_image
     from extract.slide import Slide
@@ -90,6 +96,7 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
         tissue = segment_tissue(image, params, scale)
         coords = tile_tissue(tissue, patch0, slide.dimensions, contour_fn=config.contour_fn,
                              step_px=step0, use_padding=config.use_padding)
+        coords, region_text = _apply_annotations(coords, patch0, config, row.slide_id)
         attrs = {
             "patch_size": int(attr_patch),
             "patch_level": int(patch_level),
@@ -105,6 +112,8 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
             "format_version": FORMAT_VERSION,
         }
         write_coords(tmp_path, coords, attrs)
+        if geojson_path is not None:
+            _write_tissue_geojson(tissue, geojson_path)
         mpp_source = slide.mpp_source
         slide_wh = tuple(slide.dimensions)
         if preview_path is not None:
@@ -114,8 +123,59 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
     mpp_text = f"mpp {slide_mpp:.4f} from {mpp_source}" if slide_mpp else "no mpp (level-based tiling)"
     ink_text, extra = _ink_report(tissue, slide_mpp) if params.remove_ink else ("", {})
     if n:
-        return SlideOutcome("done", f"{len(tissue.contours)} contour(s); {mpp_text}{ink_text}", patches=n, extra=extra)
-    return SlideOutcome("empty", _why_empty(tissue, patch0, slide_wh) + ink_text, patches=0, extra=extra)
+        return SlideOutcome("done", f"{len(tissue.contours)} contour(s); {mpp_text}{ink_text}{region_text}",
+                            patches=n, extra=extra)
+    why = "no patch inside the include annotation" if region_text and not tissue.is_empty else \
+        _why_empty(tissue, patch0, slide_wh)
+    return SlideOutcome("empty", why + ink_text + region_text, patches=0, extra=extra)
+
+
+def _annotation_file(folder: str, slide_id: str) -> Path | None:
+    for suffix in (".geojson", ".json"):
+        path = Path(folder) / f"{slide_id}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _apply_annotations(coords, patch0: int, config: SegmentConfig, slide_id: str):
+    """Keep the patches the include/exclude GeoJSON of this slide allow; (coords, status text).
+
+    A slide with no include file fails (tiling it whole would silently ignore the restriction);
+    a slide with no exclude file has nothing to exclude.
+    """
+    from extract.geojson import filter_coords, load_polygons
+
+    if config.include_geojson is None and config.exclude_geojson is None:
+        return coords, ""
+    include = exclude = None
+    if config.include_geojson is not None:
+        path = _annotation_file(config.include_geojson, slide_id)
+        if path is None:
+            raise SlideError(f"no include annotation for slide {slide_id}: expected "
+                             f"{Path(config.include_geojson) / (slide_id + '.geojson')} (or .json)")
+        include = load_polygons(path)
+    if config.exclude_geojson is not None:
+        path = _annotation_file(config.exclude_geojson, slide_id)
+        exclude = load_polygons(path) if path is not None else []
+    keep = filter_coords(coords, patch0, include, exclude, config.contour_fn)
+    parts = []
+    if include is not None:
+        parts.append(f"{len(include)} include polygon(s)")
+    if exclude:
+        parts.append(f"{len(exclude)} exclude polygon(s)")
+    return coords[keep], f"; {', '.join(parts) or 'no annotation'}: {int((~keep).sum())} patch(es) dropped"
+
+
+def _write_tissue_geojson(tissue, path: Path) -> None:
+    from extract.geojson import feature_collection, ink_features, tissue_features, write_geojson
+
+    write_geojson(path, feature_collection(tissue_features(tissue)))
+    ink_path = path.with_name(f"{path.stem}.ink.geojson")
+    if tissue.ink_contours:
+        write_geojson(ink_path, feature_collection(ink_features(tissue)))
+    else:
+        ink_path.unlink(missing_ok=True)
 
 
 def _ink_report(tissue, slide_mpp) -> tuple[str, dict]:
@@ -158,6 +218,11 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
     """Segment every manifest slide not done yet; returns (BatchSummary, tag)."""
     if manifest_path is None:
         raise ConfigError("no manifest: pass --manifest CSV or set 'manifest:' in the config")
+    for name in ("include_geojson", "exclude_geojson"):
+        folder = getattr(config, name)
+        if folder is not None and not Path(folder).is_dir():
+            raise ConfigError(f"--{name.replace('_', '-')} {folder}: no such folder; give the folder that holds "
+                              "one <slide_id>.geojson per slide (QuPath: File > Export objects as GeoJSON)")
     manifest = load_manifest(manifest_path, require=("path",), check_files=False)
     manifest = manifest.shard(*parse_shard(shard))
     ws = Workspace(workspace)
@@ -176,7 +241,8 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
         if preview is not None:  # the half-written picture of a killed run (we hold the slide's lock)
             for leftover in preview.parent.glob(f".{preview.stem}.tmp*.png"):
                 leftover.unlink(missing_ok=True)
-        return segment_slide(row, tmp, config, preview, default_mpp=slide_mpp)
+        return segment_slide(row, tmp, config, preview, default_mpp=slide_mpp,
+                             geojson_path=ws.tissue_geojson_path(tag, row.slide_id))
 
     summary = run_slides("segment", manifest.rows, out_dir, lambda r: ws.coords_path(tag, r.slide_id),
                          digest, work, overwrite=overwrite, progress=progress, manifest=manifest_path)
@@ -194,5 +260,6 @@ def segment_command(args) -> int:
     print(f"coordinates: {out_dir / 'coords'}")
     if inputs.section.previews:
         print(f"previews:    {out_dir / 'previews'}")
+    print(f"geojson:     {out_dir / 'geojson'}  (tissue for QuPath, level-0 px)")
     print(f"status:      {out_dir / 'status.csv'}")
     return summary.exit_code

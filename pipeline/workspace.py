@@ -65,6 +65,10 @@ class Workspace:
     def preview_path(self, tag: str, slide_id: str) -> Path:
         return self.segment_dir(tag) / "previews" / f"{slide_id}.png"
 
+    def tissue_geojson_path(self, tag: str, slide_id: str) -> Path:
+        """Tissue contours and holes for QuPath; the removed ink beside it as ``<id>.ink.geojson``."""
+        return self.segment_dir(tag) / "geojson" / f"{slide_id}.geojson"
+
     def segment_tags(self) -> list[str]:
         base = self.root / "segment"
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []

@@ -105,6 +105,30 @@ def n_masked(n: int, ratio: float) -> int:
     return min(n, math.ceil(round(n * float(ratio), 9)))
 
 
+def _check_scores(func: str, scores: torch.Tensor) -> None:
+    if scores.dim() not in (1, 2):
+        raise ValueError(f"{func} takes the [N] (or per-head [heads, N]) scores of one bag; "
+                         f"got {tuple(scores.shape)}.")
+
+
+def _top(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Indices of the top (or bottom) ``k``: by score for [N], by the head vote for [heads, N]."""
+    if scores.dim() == 1:
+        return torch.topk(scores, k, largest=largest).indices
+    from mil.models.transmil import fuse_heads_by_vote
+
+    return fuse_heads_by_vote(scores.unsqueeze(0), k, largest=largest)[0]
+
+
+def flat_scores(scores: torch.Tensor) -> torch.Tensor:
+    """One score per instance ``[N]``: per-head scores ``[heads, N]`` fused by rank voting."""
+    if scores.dim() == 1:
+        return scores
+    from mil.models.transmil import borda_fusion
+
+    return borda_fusion(scores.unsqueeze(0))[0]
+
+
 def high_mask(
     scores: torch.Tensor,
     ratio_h: float,
@@ -116,7 +140,10 @@ def high_mask(
     Parameters
     ----------
     scores : Tensor
-        ``[N]`` teacher scores of one bag (higher = more salient).
+        ``[N]`` teacher scores of one bag (higher = more salient), or ``[heads, N]`` per-head
+        scores: then every choice of ``k`` instances is MHIM's vote over heads at that ``k``
+        (each head votes for its own top ``k``; the ``k`` with most votes win, ties broken by
+        rank; :func:`mil.models.fuse_heads_by_vote`), as the official code masks TransMIL.
     ratio_h : float
         ``h`` in ``[0, 1)``; 0 masks nothing.
     ratio_hr : float, optional
@@ -132,35 +159,36 @@ def high_mask(
     LongTensor
         ``[n_high]`` indices (unordered, unique) on ``scores.device``.
     """
-    if scores.dim() != 1:
-        raise ValueError(f"high_mask takes the [N] scores of one bag; got {tuple(scores.shape)}.")
+    _check_scores("high_mask", scores)
     _check_ratio("ratio_h", ratio_h)
     hr = 1.0 if ratio_hr is None else ratio_hr
     if not (isinstance(hr, (int, float)) and 0.0 < hr <= 1.0):
         raise ValueError(f"'ratio_hr' must be None or a float in (0, 1]; got {ratio_hr!r}.")
-    n = scores.numel()
+    n = scores.shape[-1]
     if ratio_h <= 0.0 or n == 0:
         return _empty_index(scores.device)
     if hr >= 1.0:
-        return torch.topk(scores, n_masked(n, ratio_h), largest=True).indices
+        return _top(scores, n_masked(n, ratio_h), largest=True)
     if ratio_h / hr >= 1.0:
         top, count = n, n_masked(n, ratio_h)
     else:
         top = n_masked(n, ratio_h / hr)
         count = n_masked(top, hr)
-    candidates = torch.topk(scores, top, largest=True).indices
+    candidates = _top(scores, top, largest=True)
     return candidates[_randperm(top, generator, scores.device)[:count]]
 
 
 def low_mask(scores: torch.Tensor, ratio_l: float) -> torch.Tensor:
-    """L-HAM: indices of the lowest ``ceil(N * l)`` instances by score (``[N]`` -> ``[n_low]``)."""
-    if scores.dim() != 1:
-        raise ValueError(f"low_mask takes the [N] scores of one bag; got {tuple(scores.shape)}.")
+    """L-HAM: indices of the lowest ``ceil(N * l)`` instances by score (``[N]`` -> ``[n_low]``).
+
+    Per-head scores ``[heads, N]`` are fused by the vote over each head's bottom ``k``.
+    """
+    _check_scores("low_mask", scores)
     _check_ratio("ratio_l", ratio_l)
-    count = n_masked(scores.numel(), ratio_l)
+    count = n_masked(scores.shape[-1], ratio_l)
     if count == 0:
         return _empty_index(scores.device)
-    return torch.topk(scores, count, largest=False).indices
+    return _top(scores, count, largest=False)
 
 
 def random_mask(
@@ -659,8 +687,11 @@ class MHIM(nn.Module):
             out_t = self.teacher.aggregate(h_t)
             scores = None
             if need_scores:
+                head_scores = (getattr(out_t, "extras", None) or {}).get("head_scores")
                 if self.config.mask_score == "class_prob":
                     scores = self.teacher.instance_class_prob(h_t)
+                elif head_scores is not None:  # [1, heads, N]: masked by the head vote
+                    scores = head_scores
                 else:
                     scores = out_t.instance_scores
                 if scores is None or scores.shape[-1] != x.shape[1]:
@@ -669,7 +700,7 @@ class MHIM(nn.Module):
                         f"The teacher's '{self.config.mask_score}' scores must be [1, N] with "
                         f"N={x.shape[1]} instances; got {got}."
                     )
-                scores = scores.reshape(-1).float()
+                scores = (scores[0] if scores.dim() == 3 else scores.reshape(-1)).float()
         return scores, (out_t.bag_feature if need_feat else None)
 
     def training_step(
@@ -730,7 +761,7 @@ class MHIM(nn.Module):
         rnd = random_mask(n, cfg.mask_ratio, self.generator, device)
         masked = union(n, high, low, rnd)
         if scores is not None:
-            priority = fallback_priority(scores, high)
+            priority = fallback_priority(flat_scores(scores), high)
         else:  # random masking only: keep a random instance if all are masked
             priority = _randperm(n, self.generator, device).float()
         keep = keep_indices(n, masked.to(device), priority)

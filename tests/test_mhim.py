@@ -94,7 +94,7 @@ def test_bad_ratios_raise():
     with pytest.raises(ValueError, match="ratio_hr"):
         high_mask(s, 0.1, 0.0)
     with pytest.raises(ValueError, match="one bag"):
-        high_mask(torch.rand(2, 10), 0.1)
+        high_mask(torch.rand(1, 2, 10), 0.1)  # [heads, N] is per-head scores; 3-D is not one bag
 
 
 def test_union_counts_overlaps_once_and_sorts():

@@ -58,7 +58,7 @@ def bag_feature_dim(name: str, n_classes: int, embed_dim: int = 512) -> int:
 
 def test_registry_lists_every_student():
     assert set(MODELS) == {
-        "abmil", "transmil", "dsmil", "clam_sb", "clam_mb", "dtfd", "meanpool", "maxpool"
+        "abmil", "transmil", "transmil_mhim", "dsmil", "clam_sb", "clam_mb", "dtfd", "meanpool", "maxpool"
     }
 
 

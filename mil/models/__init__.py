@@ -8,7 +8,7 @@ Usage::
                                          # instance_scores [1, 300], extras {...}
     loss = model.training_loss(out, y, F.cross_entropy(out.logits, y))
 
-Importing this package registers every student: abmil, transmil, dsmil, clam_sb, clam_mb,
+Importing this package registers every student: abmil, transmil, transmil_mhim, dsmil, clam_sb, clam_mb,
 dtfd, meanpool, maxpool.
 """
 
@@ -30,6 +30,7 @@ from .nystrom import NystromAttention
 from .output import MILOutput
 from .pooling import MaxPoolMIL, MeanPoolMIL
 from .transmil import TransMIL, borda_fusion, fuse_heads_by_vote
+from .transmil_mhim import TransMILMHIM
 
 __all__ = [
     "TASKS",
@@ -45,6 +46,7 @@ __all__ = [
     "register_model",
     "ABMIL",
     "TransMIL",
+    "TransMILMHIM",
     "DSMIL",
     "CLAM",
     "CLAMSB",

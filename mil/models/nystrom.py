@@ -11,6 +11,8 @@ batch size 1, the way MHIM trains).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,12 +99,17 @@ class NystromAttention(nn.Module):
         return self.split_heads(q) * self.scale, self.split_heads(k), self.split_heads(v)
 
     def forward(
-        self, x: torch.Tensor, return_qkv: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self, x: torch.Tensor, return_qkv: bool = False, return_first_row: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Attend over ``x`` [B, n, dim].
 
         With ``return_qkv`` also returns ``(q, k, v)`` of the n real tokens (no padding),
         each [B, heads, n, d], ``q`` scaled; TransMIL uses them for its class-token scores.
+        With ``return_first_row`` also returns the Nystrom approximation of the attention row
+        of the FIRST real token (TransMIL's class token) over the other real tokens,
+        ``(kernel1[first] @ pinv(kernel2)) @ kernel3`` restricted to columns 2..n: [B, heads,
+        n - 1], not renormalised. This is the row the official MHIM-MIL code masks by (its
+        ``attn1[:, :, -n]`` indexes that token in the front-padded sequence).
         """
         b, n, _ = x.shape
         m = self.num_landmarks
@@ -118,11 +125,15 @@ class NystromAttention(nn.Module):
         kernel1 = (q @ k_land.transpose(-1, -2)).softmax(dim=-1)  # [B, h, total, m]
         kernel2 = (q_land @ k_land.transpose(-1, -2)).softmax(dim=-1)  # [B, h, m, m]
         kernel3 = (q_land @ k.transpose(-1, -2)).softmax(dim=-1)  # [B, h, m, total]
-        out = (kernel1 @ newton_schulz_pinv(kernel2, self.pinv_iterations)) @ (kernel3 @ v)
+        pinv = newton_schulz_pinv(kernel2, self.pinv_iterations)
+        out = (kernel1 @ pinv) @ (kernel3 @ v)
         if self.res_conv is not None:
             out = out + self.res_conv(v)
         out = out.transpose(1, 2).reshape(b, total, self.heads * self.dim_head)
         out = self.to_out(out)[:, -n:]
+        if return_first_row:
+            row = (kernel1[:, :, pad : pad + 1] @ pinv) @ kernel3  # [B, h, 1, total]
+            return out, row[:, :, 0, pad + 1 :]
         if return_qkv:
             return out, (q[:, :, -n:], k[:, :, -n:], v[:, :, -n:])
         return out

@@ -32,6 +32,7 @@ class TransLayer(nn.Module):
         dim: int,
         *,
         heads: int,
+        dim_head: int | None = None,
         num_landmarks: int,
         pinv_iterations: int,
         residual_kernel: int,
@@ -42,17 +43,17 @@ class TransLayer(nn.Module):
         self.attn = NystromAttention(
             dim,
             heads=heads,
-            dim_head=dim // heads,
+            dim_head=dim // heads if dim_head is None else dim_head,
             num_landmarks=num_landmarks,
             pinv_iterations=pinv_iterations,
             residual_kernel=residual_kernel,
             dropout=dropout,
         )
 
-    def forward(self, x: torch.Tensor, return_qkv: bool = False):
-        if return_qkv:
-            out, qkv = self.attn(self.norm(x), return_qkv=True)
-            return x + out, qkv
+    def forward(self, x: torch.Tensor, return_qkv: bool = False, return_first_row: bool = False):
+        if return_qkv or return_first_row:
+            out, extra = self.attn(self.norm(x), return_qkv=return_qkv, return_first_row=return_first_row)
+            return x + out, extra
         return x + self.attn(self.norm(x))
 
 
@@ -123,9 +124,9 @@ class TransMIL(MILModel):
     - ``extras['head_attention']`` [B, heads, N]: the class token's attention over the N real
       instances in layer 1, per head: ``softmax_i(q_cls . k_i / sqrt(64))`` computed EXACTLY
       from layer 1's queries and keys (the row Nystrom approximates; the square-padding
-      repeats and the class token itself are left out of the softmax). The official code
-      reads this row from the Nystrom factors instead, and because the sequence is padded in
-      front it reads a padding row there whenever the token count is not a multiple of 256.
+      repeats and the class token itself are left out of the softmax). The official MHIM
+      code reads the class token's row of the Nystrom approximation instead; that is what
+      ``transmil_mhim`` (:mod:`mil.models.transmil_mhim`) does.
     - ``instance_scores`` [B, N]: ``head_attention`` fused over heads by rank voting
       (:func:`borda_fusion`); :func:`fuse_heads_by_vote` gives MHIM's vote at a given k.
     - ``instance_class_prob``: MHIM-v2's transformer score: per head ``a_hi * v_hi`` (layer-1
@@ -133,6 +134,10 @@ class TransMIL(MILModel):
       (``to_out`` linear with bias, no dropout), then the classifier weight ``W`` (no bias),
       softmax over classes, max. This skips PPEG, layer 2 and the final LayerNorm, as
       MHIM-v2 does; it is a per-instance reading of layer 1, not an exact decomposition.
+
+    ``dim_head`` (default ``embed_dim // heads``) sets the per-head size on its own: the official
+    code fixes it at ``embed_dim // 8`` = 64 whatever the head count (its TCGA TransMIL run used
+    2 heads x 64).
 
     Padded batches are not supported (the square folding and Nystrom landmarks would mix
     padding into real tokens); unpadded batches of equal-length bags work.
@@ -147,6 +152,7 @@ class TransMIL(MILModel):
         *,
         embed_dim: int = 512,
         heads: int = 8,
+        dim_head: int | None = None,
         num_landmarks: int | None = None,
         pinv_iterations: int = 6,
         residual_kernel: int = 33,
@@ -175,8 +181,11 @@ class TransMIL(MILModel):
             feature.append(nn.Dropout(dropout))
         self.feature = nn.Sequential(*feature)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        if dim_head is not None:
+            check_int("dim_head", dim_head, owner)
         layer_kw = dict(
             heads=heads,
+            dim_head=dim_head,
             num_landmarks=num_landmarks,
             pinv_iterations=pinv_iterations,
             residual_kernel=residual_kernel,

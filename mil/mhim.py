@@ -51,6 +51,7 @@ from torch import nn
 
 from extract.errors import CheckpointError, ConfigError
 from mil.grn import GlobalRecycleNetwork
+from mil.checkpoints import OFFICIAL_PREFIXES, from_official_layout
 
 __all__ = [
     "MHIM",
@@ -292,7 +293,9 @@ def consistency_loss(
     """Soft-target cross-entropy between bag features (MHIM's consistency loss).
 
     ``mean_b sum_j -softmax(F_t / t_teacher)_j * log_softmax(F_s / t_student)_j``; the teacher
-    side is detached. Both inputs are ``[B, H]`` pooled bag features (not logits).
+    side is detached. Both inputs are ``[B, H]`` pooled bag features (not logits), or
+    ``[B, G, H]`` groups of them (DSMIL: one per class), each softmaxed on its own and the loss
+    averaged over batch and groups.
     """
     if student_feat.shape != teacher_feat.shape:
         raise ValueError(
@@ -451,16 +454,20 @@ class MHIMConfig:
 
 
 def _unwrap_state_dict(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Accept ``{'model': state_dict}`` (the official checkpoints' layout) as well."""
+    """Our state dict from ``state_dict`` or ``{'model': state_dict}``, official key names mapped.
+
+    The official MHIM-MIL checkpoints (``patch_to_emb.*``, ``online_encoder.*``, ...) are
+    renamed by :func:`mil.checkpoints.from_official_layout`; the load after it stays strict.
+    """
     inner = state_dict.get("model") if isinstance(state_dict, Mapping) else None
     if isinstance(inner, Mapping):
-        return inner
+        state_dict = inner
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(
             "Expected a state dict (a mapping of names to tensors); got "
             f"{type(state_dict).__name__}."
         )
-    return state_dict
+    return from_official_layout(state_dict)
 
 
 def _load_exact(module: nn.Module, state_dict: Mapping[str, Any], what: str) -> None:
@@ -477,9 +484,12 @@ def _load_exact(module: nn.Module, state_dict: Mapping[str, Any], what: str) -> 
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
             if keys:
-                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-                parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+                more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+                parts.append(f"{label}: {', '.join(keys[:8])}{more}")
         hint = ""
+        if any(k.startswith(OFFICIAL_PREFIXES) for k in unexpected):
+            hint = (" The unexpected keys are official MHIM-MIL names no key map covers for this "
+                    "model: the file was saved from another architecture (e.g. gated vs non-gated).")
         if any(k.startswith(("student.", "teacher.")) for k in unexpected):
             hint = " It looks like an MHIM checkpoint: pass the 'student.' part of it."
         raise CheckpointError(
@@ -790,7 +800,12 @@ class MHIM(nn.Module):
             task = ce if aux is None else ce + aux
         aux = (task - ce).detach()
         if t_feat is not None:
-            cl = consistency_loss(out.bag_feature, t_feat, cfg.t_teacher, cfg.t_student)
+            s_feat = out.bag_feature
+            if getattr(self.student, "consistency_per_class", False):
+                # DSMIL: one 512-d bag vector per class, a softmax over each, mean over classes
+                s_feat = s_feat.reshape(s_feat.shape[0], out.logits.shape[-1], -1)
+                t_feat = t_feat.reshape(s_feat.shape)
+            cl = consistency_loss(s_feat, t_feat, cfg.t_teacher, cfg.t_student)
         else:
             cl = torch.zeros((), device=ce.device)
         loss = task + cfg.cl_alpha * cl

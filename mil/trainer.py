@@ -563,7 +563,8 @@ def predict_bags(
     Returns
     -------
     list of dict, one per bag, in input order:
-        ``slide_id``; ``logits`` ndarray [C]; classification: ``prob`` ndarray [C] (softmax);
+        ``slide_id``; ``logits`` ndarray [C]; classification: ``prob`` ndarray [C] (the
+        student's ``class_probabilities``: softmax of the logits, DSMIL v1 its two-stream mean);
         survival: ``risk`` float (higher = earlier event) and ``survival`` ndarray [K];
         ``instance_scores`` ndarray [N] (what MHIM ranks by: attention logits for AB-MIL) and
         ``attention`` ndarray [N] when the model reports one.
@@ -579,6 +580,7 @@ def predict_bags(
     ctx = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
            if autocast_dtype is not None else contextlib.nullcontext())
     meta = getattr(model, "wsi_meta", None) or {}
+    head = getattr(model, "student", model)  # an MHIM wrapper predicts with its student
     norm = None
     if meta.get("feature_mean") is not None:  # the checkpoint was trained on standardized features
         norm = (torch.tensor(meta["feature_mean"], device=device), torch.tensor(meta["feature_std"], device=device))
@@ -591,6 +593,8 @@ def predict_bags(
             ids.append(sid)
             logits.append(out.logits[0].float())
             extra = {}
+            if task != "survival" and hasattr(head, "class_probabilities"):
+                extra["prob"] = head.class_probabilities(out)[0].float().cpu().numpy()
             if instance_scores:
                 # With grn_at_test the GRN's k tokens are appended after the N instances: keep
                 # the instances' scores only, one per patch coordinate.
@@ -619,7 +623,7 @@ def predict_bags(
             row["risk"] = float(risk[i])
             row["survival"] = surv[i]
         else:
-            row["prob"] = prob[i]
+            row["prob"] = prob[i]  # softmax(logits), unless the student reports its own below
         row.update(per_bag[i])
         rows.append(row)
     return rows
@@ -710,6 +714,7 @@ def _teacher_source(config: TrainConfig, fold_dir: Path, seed: int, fold: int) -
     p = Path(config.teacher_init).expanduser()
     candidates = [p] if p.is_file() else [
         p / "best.pt", p / f"seed_{seed}" / f"fold_{fold}" / "best.pt", p / f"fold_{fold}" / "best.pt",
+        p / f"fold_{fold}_model_best_auc.pt",  # a released official teacher folder (modules/init_ckp/...)
     ]
     for c in candidates:
         if c.is_file():
@@ -727,7 +732,8 @@ def _load_teacher_state(path: Path, meta: Mapping[str, Any], seed: int, fold: in
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError:
-        # a foreign state dict (e.g. the official MHIM .pth): accepted, but the split is unverifiable
+        # a foreign state dict (e.g. a released official MHIM teacher, mapped by mil.checkpoints):
+        # accepted, but the split is unverifiable
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:

@@ -229,6 +229,14 @@ class MILModel(nn.Module, abc.ABC):
             return task_loss
         return self.bag_loss_weight * task_loss + aux
 
+    def class_probabilities(self, output: MILOutput) -> torch.Tensor:
+        """Class probabilities [B, C] reported at validation and test: ``softmax(logits)``.
+
+        A student whose published evaluation combines several heads overrides this (DSMIL v1:
+        the mean of the bag-stream and max-instance softmaxes).
+        """
+        return output.logits.float().softmax(dim=-1)
+
     @property
     def embed_dim(self) -> int:
         """Size ``H`` of the per-instance embedding."""

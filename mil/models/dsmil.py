@@ -10,9 +10,9 @@ from torch import nn
 from ._base import (
     MILModel,
     bag_classification_loss,
+    check_choice,
     check_float,
     check_int,
-    class_confidence,
     fill_invalid,
     init_weights,
     masked_softmax,
@@ -35,23 +35,33 @@ class DSMIL(MILModel):
     their concatenation, which is ``classifier`` here (same parameters, 872,708 in all at
     D=1024, C=2).
 
-    Prediction and loss (explicit): ``logits`` are the BAG-STREAM logits (what MHIM-MIL
-    evaluates); ``extras['max_instance_logits']`` [B, C] is the instance stream. Training
-    follows DSMIL, ``loss = 0.5 * bag_loss + 0.5 * max_instance_loss``: ``bag_loss_weight`` is
-    0.5 and :meth:`auxiliary_loss` returns ``0.5 * CE(max_instance_logits, target)``. DSMIL's
-    own averaged prediction is ``0.5 * (logits + extras['max_instance_logits'])``.
+    Prediction and loss, two variants (``prediction``), both read from the official code:
+
+    - ``'v1'`` (default; MHIM-MIL v1 main.py): ``logits`` are the BAG-STREAM logits; training
+      ``loss = 0.5 * CE(bag) + 0.5 * CE(max instance)`` (``bag_loss_weight`` 0.5 and
+      :meth:`auxiliary_loss`); validation and test report
+      ``0.5 * softmax(bag) + 0.5 * softmax(max instance)`` (:meth:`class_probabilities`).
+    - ``'v2'`` (MHIM-v2 engines/common_mil.py): ``logits = 0.5 * (bag + max instance)``,
+      trained with the plain task loss and evaluated by their softmax.
+
+    ``extras['bag_logits']`` and ``extras['max_instance_logits']`` [B, C] hold both streams.
+    MHIM's consistency loss compares the per-class bag vectors one class at a time (softmax over
+    each 512-d vector, averaged over classes), as the official code does
+    (``consistency_per_class``).
 
     Outputs
     -------
     - ``bag_feature`` [B, C*512]: the per-class bag vectors, concatenated.
     - ``instance_scores`` [B, N]: the max-class instance logit ``max_c (W_ins h_i)_c``.
-    - ``instance_class_prob``: ``max_c softmax_c(W_ins h_i + b_ins)``, the instance
-      classifier's confidence.
+    - ``instance_class_prob``: MHIM-v2's class-aware score for DSMIL, the max-class instance
+      LOGIT ``max_c (W_ins h_i + b_ins)_c`` (official v2 code; not a softmax probability).
     - ``extras``: ``instance_logits`` [B, N, C], ``max_instance_logits`` [B, C],
       ``bag_attention`` [B, N, C] (softmax over instances, one column per class).
     """
 
     bag_loss_weight = 0.5
+    #: MHIM's consistency loss over ``bag_feature`` viewed as [B, C, 512] (one softmax per class).
+    consistency_per_class = True
 
     def __init__(
         self,
@@ -62,10 +72,14 @@ class DSMIL(MILModel):
         q_dim: int = 128,
         dropout: float = 0.25,
         dropout_v: float = 0.0,
+        prediction: str = "v1",
         task: str = "classification",
     ) -> None:
         super().__init__(in_dim, n_classes, task=task)
         owner = type(self).__name__
+        self.prediction = check_choice("prediction", prediction, owner, ("v1", "v2"))
+        if prediction == "v2":
+            self.bag_loss_weight = 1.0  # the averaged logits carry both streams
         self._embed_dim = check_int("embed_dim", embed_dim, owner)
         check_int("q_dim", q_dim, owner)
         check_float("dropout", dropout, owner, low=0.0, high=1.0, high_open=True)
@@ -98,22 +112,34 @@ class DSMIL(MILModel):
         attention = masked_softmax(scores, None if mask is None else mask.unsqueeze(-1), dim=1)
         bag = attention.transpose(1, 2) @ self.value(h)  # [B, C, E]
         feature = bag.flatten(1)
+        bag_logits = self.classifier(feature)
+        max_logits = ins_valid.amax(dim=1)
         return MILOutput(
-            logits=self.classifier(feature),
+            logits=bag_logits if self.prediction == "v1" else 0.5 * (bag_logits + max_logits),
             bag_feature=feature,
             instance_scores=fill_invalid(ins.amax(dim=-1), mask, float("-inf")),
             extras={
                 "instance_logits": ins,
-                "max_instance_logits": ins_valid.amax(dim=1),
+                "max_instance_logits": max_logits,
+                "bag_logits": bag_logits,
                 "bag_attention": attention,
             },
         )
 
     def _instance_class_prob(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return class_confidence(self.instance_classifier(h))
+        return self.instance_classifier(h).amax(dim=-1)
 
-    def auxiliary_loss(self, output: MILOutput, target: torch.Tensor) -> torch.Tensor:
-        """``0.5 * CE(max_instance_logits, target)`` (BCE for one logit)."""
+    def class_probabilities(self, output: MILOutput) -> torch.Tensor:
+        """v1: ``0.5 softmax(bag) + 0.5 softmax(max instance)``; v2: ``softmax(logits)``."""
+        if self.prediction == "v2" or self.task != "classification":
+            return super().class_probabilities(output)
+        return 0.5 * (output.extras["bag_logits"].float().softmax(-1)
+                      + output.extras["max_instance_logits"].float().softmax(-1))
+
+    def auxiliary_loss(self, output: MILOutput, target: torch.Tensor) -> torch.Tensor | None:
+        """v1: ``0.5 * CE(max_instance_logits, target)`` (BCE for one logit); v2: none."""
+        if self.prediction == "v2":
+            return None
         return (1.0 - self.bag_loss_weight) * bag_classification_loss(
             output.extras["max_instance_logits"], target
         )

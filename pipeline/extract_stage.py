@@ -9,6 +9,8 @@ on CPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -27,8 +29,8 @@ from extract.errors import ConfigError, SlideError
 from .config import ExtractConfig, dump_yaml, resolve_stage
 from .logging_setup import attach_run_log
 from .manifest import load_manifest, parse_shard
-from .runner import (SlideOutcome, SlideRecords, StatusFile, pid_alive, check_stage_params, run_slides,
-                     temp_path_for)
+from .runner import (SlideOutcome, SlideRecords, StatusFile, pid_alive, check_stage_params, read_fingerprint,
+                     run_slides, stamp_fingerprint, temp_path_for)
 from .workspace import Workspace, fingerprint
 
 log = logging.getLogger(__name__)
@@ -136,9 +138,13 @@ class Extractor:
         return features.float().cpu().numpy()
 
 
-def extract_slide(row, tmp_path: Path, coords_path: Path, extractor: Extractor, config: ExtractConfig,
-                  progress: bool = False, seg_status: dict | None = None) -> SlideOutcome:
+def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractConfig,
+                  progress: bool = False, seg_status: dict | None = None):
     """Read the patches of one slide, embed them and write its bag to ``tmp_path``.
+
+    ``extractor`` and ``tmp_path`` may be lists of the same length: every patch is then read
+    once and fed to each encoder (on a GPU, from the same device batch), one bag per encoder,
+    all with the same coordinates; a list of outcomes is returned.
 
     ``seg_status`` is the segment stage's status.csv row of the slide, quoted when it has no
     coordinates file (the reason it failed there is what the user needs to see).
@@ -147,6 +153,9 @@ def extract_slide(row, tmp_path: Path, coords_path: Path, extractor: Extractor, 
     from extract.coords_file import read_coords
     from extract.patch_reader import iter_patch_batches
 
+    several = isinstance(extractor, (list, tuple))
+    extractors = list(extractor) if several else [extractor]
+    tmp_paths = list(tmp_path) if several else [tmp_path]
     if not coords_path.is_file():
         if seg_status and seg_status.get("state") in ("failed", "refused"):
             raise SlideError(f"{row.slide_id}: segmentation {seg_status['state']} ({seg_status.get('message', '')}); "
@@ -154,31 +163,23 @@ def extract_slide(row, tmp_path: Path, coords_path: Path, extractor: Extractor, 
         raise SlideError(f"{row.slide_id}: no coordinates at {coords_path}; run `wsi-pipeline segment` first "
                          "(or check its status.csv for why this slide failed)")
     coords, cattrs = read_coords(coords_path)
-    bb = extractor.config
-    attrs = {
-        "backbone": bb.name,
-        "weights": bb.weights_id,
-        "feature_dim": int(bb.feature_dim),
-        "input_size": int(bb.input_size),
-        "preprocessing": json.dumps(bb.preprocessing(), sort_keys=True),
-        "patch_size_level0": int(cattrs["patch_size_level0"]),
-        "target_mpp": float(cattrs.get("target_mpp", -1.0)),
-        "slide_mpp": float(cattrs.get("slide_mpp", -1.0)),
-        "precision": str(extractor.amp_dtype).replace("torch.", "") if extractor.amp_dtype else "float32",
-        "seg_fingerprint": str(cattrs.get("fingerprint", "")),
-        "format_version": FORMAT_VERSION,
-    }
+    attrs = [_bag_attrs(ex, cattrs) for ex in extractors]
     n = len(coords)
     if n == 0:
-        attrs["dropped_patches"] = 0
-        write_bag(tmp_path, np.zeros((0, bb.feature_dim), np.float32), coords, attrs, dtype=config.dtype)
-        return SlideOutcome("empty", "no patches in the coordinates file", patches=0)
+        for ex, a, tmp in zip(extractors, attrs, tmp_paths):
+            a["dropped_patches"] = 0
+            write_bag(tmp, np.zeros((0, ex.config.feature_dim), np.float32), coords, a, dtype=config.dtype)
+        outcomes = [SlideOutcome("empty", "no patches in the coordinates file", patches=0) for _ in extractors]
+        return outcomes if several else outcomes[0]
 
     patch0 = int(cattrs["patch_size_level0"])
-    out_px = int(cattrs.get("patch_px", 0)) or min(patch0, max(bb.input_size, 224))
-    features = np.zeros((n, bb.feature_dim), np.float32)
-    pin = extractor.device.type == "cuda"
-    t_read = t_model = 0.0
+    out_px = int(cattrs.get("patch_px", 0)) or min(patch0, max([ex.config.input_size for ex in extractors] + [224]))
+    features = [np.zeros((n, ex.config.feature_dim), np.float32) for ex in extractors]
+    device = extractors[0].device
+    shared_device = all(ex.device == device for ex in extractors)
+    pin = any(ex.device.type == "cuda" for ex in extractors)
+    t_read = 0.0
+    t_model = [0.0] * len(extractors)
     batches = iter_patch_batches(row.path, coords, patch0, out_px, batch_size=config.batch_size,
                                  num_workers=config.num_workers, mpp=row.mpp, pin_memory=pin,
                                  ordered=False)
@@ -193,23 +194,49 @@ def extract_slide(row, tmp_path: Path, coords_path: Path, extractor: Extractor, 
                 indices, patches = next(it)
             except StopIteration:
                 break
-            t1 = time.perf_counter()
-            features[indices] = extractor(patches)
-            t2 = time.perf_counter()
-            t_read += t1 - t0
-            t_model += t2 - t1
+            t_read += time.perf_counter() - t0
+            if len(extractors) > 1 and shared_device and device.type != "cpu":
+                import torch
+
+                patches = torch.as_tensor(patches).to(device, non_blocking=True)  # one transfer for all
+            for k, ex in enumerate(extractors):
+                t1 = time.perf_counter()
+                features[k][indices] = ex(patches)
+                t_model[k] += time.perf_counter() - t1
             bar.update(len(indices))
     bar.close()
     report = batches.report
     keep = np.ones(n, bool)
     keep[report.dropped] = False
-    attrs["dropped_patches"] = int((~keep).sum())
-    attrs["retried_patches"] = int(len(report.retried))
-    write_bag(tmp_path, features[keep], coords[keep], attrs, dtype=config.dtype)
-    message = f"read {t_read:.1f} s, model {t_model:.1f} s"
-    if attrs["dropped_patches"]:
-        message += f"; {attrs['dropped_patches']} unreadable patch(es) dropped ({report.errors[0] if report.errors else ''})"
-    return SlideOutcome("done", message, patches=int(keep.sum()))
+    outcomes = []
+    for k, (a, tmp) in enumerate(zip(attrs, tmp_paths)):
+        a["dropped_patches"] = int((~keep).sum())
+        a["retried_patches"] = int(len(report.retried))
+        write_bag(tmp, features[k][keep], coords[keep], a, dtype=config.dtype)
+        message = f"read {t_read:.1f} s, model {t_model[k]:.1f} s"
+        if len(extractors) > 1:
+            message += f" (one read pass for {len(extractors)} encoders)"
+        if a["dropped_patches"]:
+            message += f"; {a['dropped_patches']} unreadable patch(es) dropped ({report.errors[0] if report.errors else ''})"
+        outcomes.append(SlideOutcome("done", message, patches=int(keep.sum())))
+    return outcomes if several else outcomes[0]
+
+
+def _bag_attrs(extractor: Extractor, cattrs: dict) -> dict:
+    bb = extractor.config
+    return {
+        "backbone": bb.name,
+        "weights": bb.weights_id,
+        "feature_dim": int(bb.feature_dim),
+        "input_size": int(bb.input_size),
+        "preprocessing": json.dumps(bb.preprocessing(), sort_keys=True),
+        "patch_size_level0": int(cattrs["patch_size_level0"]),
+        "target_mpp": float(cattrs.get("target_mpp", -1.0)),
+        "slide_mpp": float(cattrs.get("slide_mpp", -1.0)),
+        "precision": str(extractor.amp_dtype).replace("torch.", "") if extractor.amp_dtype else "float32",
+        "seg_fingerprint": str(cattrs.get("fingerprint", "")),
+        "format_version": FORMAT_VERSION,
+    }
 
 
 def find_seg_tag(ws: Workspace, wanted: str | None) -> str:
@@ -228,8 +255,50 @@ def find_seg_tag(ws: Workspace, wanted: str | None) -> str:
 
 def run_extract(manifest_path: Path, workspace: Path, config: ExtractConfig, shard: str | None = None,
                 overwrite: bool = False, progress: bool = True):
-    """Extract every manifest slide not done yet; returns (BatchSummary, features_dir)."""
-    from extract.bags import export_pt
+    """Extract every manifest slide not done yet with one backbone; returns (BatchSummary, features_dir)."""
+    if "," in config.backbone:
+        raise ConfigError(f"The 'backbone' parameter must name one backbone here (the run command trains on one "
+                          f"feature folder). Got {config.backbone!r} instead; run `wsi-pipeline extract` for several")
+    return run_extract_all(manifest_path, workspace, config, shard, overwrite, progress)[0]
+
+
+@dataclass
+class _Encoder:
+    """One backbone of an extract run: its model, output folder and fingerprint."""
+
+    config: ExtractConfig
+    extractor: Extractor
+    btag: str
+    out_dir: Path
+    digest: str
+
+
+def _split_backbones(config: ExtractConfig) -> list[ExtractConfig]:
+    """``--backbone a,b --weights w1,w2`` (or one weights value for all) -> one config per backbone."""
+    names = [b.strip() for b in config.backbone.split(",") if b.strip()]
+    weights = [w.strip() for w in str(config.weights).split(",")] if len(names) > 1 else [config.weights]
+    if len(weights) == 1:
+        weights = weights * len(names)
+    if len(weights) != len(names) or len(set(names)) != len(names):
+        raise ConfigError(f"The 'weights' parameter must be one value or one per backbone ({len(names)}: "
+                          f"{', '.join(names)}), each backbone named once. Got {config.weights!r} instead.")
+    if len(names) > 1 and config.backbone_kw:
+        raise ConfigError("--backbone-kw applies to one timm:<name> backbone; extract several backbones one by one")
+    return [dataclasses.replace(config, backbone=b, weights=w) for b, w in zip(names, weights)]
+
+
+def run_extract_all(manifest_path: Path, workspace: Path, config: ExtractConfig, shard: str | None = None,
+                    overwrite: bool = False, progress: bool = True) -> list[tuple]:
+    """Extract with every backbone of ``config.backbone`` (comma-separated) in one read pass.
+
+    Each slide's patches are read once and fed to every backbone whose bag is not done; a
+    backbone's bag is committed by its own pass of the runner (its own lock, record and
+    status), so each backbone resumes on its own. Bags computed for a later backbone wait in
+    a ``.<slide>.h5.staged`` file (stamped with that backbone's fingerprint) until its pass.
+
+    Returns one ``(BatchSummary, features_dir)`` per backbone, in the order given.
+    """
+    from .encoder_geometry import geometry_warning
 
     if manifest_path is None:
         raise ConfigError("no manifest: pass --manifest CSV or set 'manifest:' in the config")
@@ -244,50 +313,100 @@ def run_extract(manifest_path: Path, workspace: Path, config: ExtractConfig, sha
         raise ConfigError(f"{seg_record}: missing or unreadable, so {ws.segment_dir(tag)} is not a finished "
                           "segmentation; rerun `wsi-pipeline segment` with the same parameters") from exc
 
-    extractor = Extractor.create(config)  # fails here, before any slide, if weights are missing
-    bb = extractor.config
-    from .encoder_geometry import geometry_warning
-
-    mismatch = geometry_warning(config.backbone, tag, _seg_tiling(seg_record))
-    if mismatch:
-        log.warning("%s", mismatch)
-    btag = backbone_tag(config.backbone, bb.weights_id)
-    out_dir = ws.features_dir(btag, tag)
-    record = {"backbone": bb.name, "weights": bb.weights_id, "input_size": bb.input_size,
-              "dtype": config.dtype, "segmentation": seg_params, "format_version": FORMAT_VERSION}
-    if config.backbone_kw:
-        record["backbone_kw"] = config.backbone_kw
-    if bb.preprocessing() != _legacy_preprocessing(bb):
-        record["preprocessing"] = bb.preprocessing()
-    digest = fingerprint(record)
-    check_stage_params(out_dir, record, digest, overwrite)
-    dump_yaml(config, out_dir / "config.yaml")
-    precision = str(extractor.amp_dtype).replace("torch.", "") if extractor.amp_dtype else "float32"
-    log.info("extracting with %s (%s, %d-d) on %s in %s -> %s", bb.name, bb.weights_id,
-             bb.feature_dim, extractor.device, precision, out_dir)
+    encoders = []
+    for cfg in _split_backbones(config):
+        extractor = Extractor.create(cfg)  # fails here, before any slide, if weights are missing
+        bb = extractor.config
+        mismatch = geometry_warning(cfg.backbone, tag, _seg_tiling(seg_record))
+        if mismatch:
+            log.warning("%s", mismatch)
+        btag = backbone_tag(cfg.backbone, bb.weights_id)
+        out_dir = ws.features_dir(btag, tag)
+        record = {"backbone": bb.name, "weights": bb.weights_id, "input_size": bb.input_size,
+                  "dtype": cfg.dtype, "segmentation": seg_params, "format_version": FORMAT_VERSION}
+        if cfg.backbone_kw:
+            record["backbone_kw"] = cfg.backbone_kw
+        if bb.preprocessing() != _legacy_preprocessing(bb):
+            record["preprocessing"] = bb.preprocessing()
+        digest = fingerprint(record)
+        check_stage_params(out_dir, record, digest, overwrite)
+        dump_yaml(cfg, out_dir / "config.yaml")
+        precision = str(extractor.amp_dtype).replace("torch.", "") if extractor.amp_dtype else "float32"
+        log.info("extracting with %s (%s, %d-d) on %s in %s -> %s", bb.name, bb.weights_id,
+                 bb.feature_dim, extractor.device, precision, out_dir)
+        encoders.append(_Encoder(cfg, extractor, btag, out_dir, digest))
 
     seg_statuses = StatusFile(ws.segment_dir(tag) / "status.csv").read()
     seg_records = SlideRecords(ws.segment_dir(tag))  # fresher than status.csv while segment runs
 
-    def work(row, tmp):
-        seg_status = seg_records.get(row.slide_id) or seg_statuses.get(row.slide_id)
-        return extract_slide(row, tmp, ws.coords_path(tag, row.slide_id), extractor, config, progress,
-                             seg_status=seg_status)
+    def bag_path(enc: _Encoder, row) -> Path:
+        return ws.bag_path(enc.btag, tag, row.slide_id)
 
-    summary = run_slides("extract", manifest.rows, out_dir, lambda r: ws.bag_path(btag, tag, r.slide_id),
-                         digest, work, overwrite=overwrite, progress=progress, manifest=manifest_path)
-    if config.export_pt:
-        pt_dir = out_dir / "pt_files"
-        pt_dir.mkdir(exist_ok=True)
-        for row in manifest.rows:
-            bag = ws.bag_path(btag, tag, row.slide_id)
-            pt = pt_dir / f"{row.slide_id}.pt"
-            if bag.is_file() and (not pt.is_file() or pt.stat().st_mtime < bag.stat().st_mtime):
-                _remove_dead_leftovers(pt)
-                tmp = temp_path_for(pt)
-                export_pt(bag, tmp)
-                os.replace(tmp, pt)
-    return summary, out_dir
+    def staged_path(enc: _Encoder, row) -> Path:
+        final = bag_path(enc, row)
+        return final.with_name(f".{final.name}.staged")
+
+    def make_work(k: int):
+        enc = encoders[k]
+
+        def work(row, tmp):
+            staged = staged_path(enc, row)
+            if read_fingerprint(staged) == enc.digest:  # computed in an earlier backbone's read pass
+                os.replace(staged, tmp)
+                import h5py
+
+                with h5py.File(tmp, "r") as f:
+                    n = int(f["coords"].shape[0])
+                return SlideOutcome("done" if n else "empty", f"read in the pass of {encoders[0].config.backbone}",
+                                    patches=n)
+            later = [e for e in encoders[k + 1:]
+                     if (overwrite or read_fingerprint(bag_path(e, row)) != e.digest)
+                     and read_fingerprint(staged_path(e, row)) != e.digest]
+            for e in later:
+                _remove_dead_leftovers(staged_path(e, row))
+            targets = [tmp] + [temp_path_for(staged_path(e, row)) for e in later]
+            seg_status = seg_records.get(row.slide_id) or seg_statuses.get(row.slide_id)
+            try:
+                outcomes = extract_slide(row, targets, ws.coords_path(tag, row.slide_id),
+                                         [enc.extractor] + [e.extractor for e in later], enc.config, progress,
+                                         seg_status=seg_status)
+                for e, staged_tmp in zip(later, targets[1:]):
+                    stamp_fingerprint(staged_tmp, e.digest, "extract")
+                    os.replace(staged_tmp, staged_path(e, row))
+            finally:
+                for staged_tmp in targets[1:]:
+                    staged_tmp.unlink(missing_ok=True)
+            return outcomes[0]
+
+        return work
+
+    results = []
+    for k, enc in enumerate(encoders):
+        summary = run_slides("extract", manifest.rows, enc.out_dir, functools.partial(bag_path, enc),
+                             enc.digest, make_work(k), overwrite=overwrite, progress=progress,
+                             manifest=manifest_path)
+        for row in manifest.rows:  # staged for a slide another process finished meanwhile
+            if staged_path(enc, row).is_file() and read_fingerprint(bag_path(enc, row)) == enc.digest:
+                staged_path(enc, row).unlink(missing_ok=True)
+        if enc.config.export_pt:
+            _export_pt_files(manifest.rows, enc.out_dir, functools.partial(bag_path, enc))
+        results.append((summary, enc.out_dir))
+    return results
+
+
+def _export_pt_files(rows, out_dir: Path, bag_path) -> None:
+    from extract.bags import export_pt
+
+    pt_dir = out_dir / "pt_files"
+    pt_dir.mkdir(exist_ok=True)
+    for row in rows:
+        bag = bag_path(row)
+        pt = pt_dir / f"{row.slide_id}.pt"
+        if bag.is_file() and (not pt.is_file() or pt.stat().st_mtime < bag.stat().st_mtime):
+            _remove_dead_leftovers(pt)
+            tmp = temp_path_for(pt)
+            export_pt(bag, tmp)
+            os.replace(tmp, pt)
 
 
 def _legacy_preprocessing(bb) -> dict:
@@ -356,8 +475,9 @@ def extract_command(args) -> int:
         return _spawn_per_device(args, args.devices)
     inputs = resolve_stage(args, "extract", ExtractConfig, EXTRACT_FLAGS)
     attach_run_log(inputs.workspace, "extract")
-    summary, out_dir = run_extract(inputs.manifest, inputs.workspace, inputs.section, args.shard,
-                                   bool(args.overwrite), progress=not args.quiet)
-    print(summary.table())
-    print(f"bags:   {out_dir}\nstatus: {out_dir / 'status.csv'}")
-    return summary.exit_code
+    results = run_extract_all(inputs.manifest, inputs.workspace, inputs.section, args.shard,
+                              bool(args.overwrite), progress=not args.quiet)
+    for summary, out_dir in results:
+        print(summary.table())
+        print(f"bags:   {out_dir}\nstatus: {out_dir / 'status.csv'}")
+    return max(summary.exit_code for summary, _ in results)

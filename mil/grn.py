@@ -104,6 +104,13 @@ class GlobalRecycleNetwork(nn.Module):
         self.attn_drop = nn.Dropout(dropout)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
+        # Xavier-normal weights, zero biases: the official v2 MHIM applies its initialize_weights to
+        # every Linear, the GRN's included
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         bound = math.sqrt(6.0 / float(3 * 16 * 16 + dim))
         self.register_buffer("queries", torch.empty(1, n_tokens, dim).uniform_(-bound, bound))
 

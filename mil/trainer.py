@@ -133,6 +133,8 @@ class TrainConfig:
         fold, as the official MHIM-MIL CAMELYON16 code: optimistic, for comparison only).
     class_weights : 'none' or 'balanced' (classification: cross-entropy weights
         ``n / (C * n_c)`` from the training split, so a minority subtype is not ignored).
+    bag : 'slide' (one bag per slide) or 'case' (one bag per case: the case's slides
+        concatenated in manifest order, :mod:`mil.cases`; as MHIM-v2 runs survival).
     feature_norm : 'none' (features as extracted, as CLAM and MHIM-MIL use them) or
         'standardize' (z-score every feature dimension with the mean and std of the fold's
         training instances; stored in the checkpoint and applied again at inference). Helps
@@ -164,6 +166,7 @@ class TrainConfig:
     protocol: str = "default"
     class_weights: str = "none"
     feature_norm: str = "none"
+    bag: str = "slide"
 
     def __post_init__(self) -> None:
         from mil.models import list_models
@@ -208,7 +211,7 @@ class TrainConfig:
         for name, choices in (("scheduler", ("cosine", "none")), ("precision", PRECISIONS),
                               ("student_init", ("none", "fc", "all")), ("selection", SELECTION_METRICS),
                               ("protocol", ("default", "paper")), ("class_weights", ("none", "balanced")),
-                              ("feature_norm", ("none", "standardize"))):
+                              ("feature_norm", ("none", "standardize")), ("bag", ("slide", "case"))):
             if getattr(self, name) not in choices:
                 raise _bad(name, f"one of {', '.join(choices)}", getattr(self, name))
         if not isinstance(self.device, str) or not (
@@ -254,6 +257,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        if out["bag"] == "slide":  # absent = slide: experiments recorded before 'bag' existed stay equal
+            del out["bag"]
         out["seeds"] = list(self.seeds)
         if self.classes is not None:
             out["classes"] = list(self.classes)

@@ -923,7 +923,19 @@ def run_evaluation(
             "with the manifest the experiment was trained on"
         )
     own_manifest = load_manifest(own_manifest_path, check_files=False)
-    own_truth = _truth(own_manifest, task, classes, require=False)
+    by_case = _find_key(exp.config, ("bag",)) == "case"  # bag: case: predictions are per case
+    truth_source = own_manifest
+    if by_case:
+        if external:
+            raise ConfigError(f"experiment {experiment!r} has one bag per case (bag: case); scoring an external "
+                              "set is per slide only: evaluate it with a bag: slide experiment")
+        from types import SimpleNamespace
+
+        from mil.cases import group_cases
+
+        case_rows, members = group_cases(own_manifest.rows, task)
+        truth_source = SimpleNamespace(rows=case_rows, path=own_manifest.path)
+    own_truth = _truth(truth_source, task, classes, require=False)
 
     base = evaluation_dir(ws, experiment, protocol)
     out_dir = base / f"external_{re.sub(r'[^A-Za-z0-9._-]+', '_', manifest_path.stem)}" if external else base
@@ -932,7 +944,13 @@ def run_evaluation(
 
     # 1. each fold model on its own validation and test slides
     need = sorted({s for u in exp.units for s in (u.test + ([] if protocol == "paper" else u.val))})
-    bags = load_bags(own_features, need, allow_missing=True)
+    if by_case:
+        from mil.cases import case_bags
+
+        slide_bags = load_bags(own_features, [s for c in need for s in members.get(c, [])], allow_missing=True)
+        bags, spans = case_bags(slide_bags, {c: members[c] for c in need if c in members})
+    else:
+        bags = load_bags(own_features, need, allow_missing=True)
     missing = [s for s in need if s not in bags]
     if missing:
         log.warning("%d slide(s) of the splits have no bag and are left out: %s", len(missing), ", ".join(missing[:20]))
@@ -976,6 +994,10 @@ def run_evaluation(
                 chosen.append({"slide_id": r["slide_id"], "coords": bags.coords(r["slide_id"]),
                                "scores": instance[(seed, int(r["fold"]), r["slide_id"])],
                                "title": _title(r["slide_id"], r, task, classes)})
+            if by_case:  # one picture per slide of each chosen case
+                from mil.cases import expand_to_slides
+
+                chosen = expand_to_slides(chosen, spans)
             _heatmaps(ws, out_dir, chosen, own_features, own_manifest, gallery_k, cmap, tag)
         log.debug("\n%s", format_table(metrics))
         return out_dir

@@ -304,8 +304,18 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
 
     bags = load_bags(features_dir, manifest.slide_ids, allow_missing=bool(allow_missing))
     rows = [r for r in manifest.rows if r.slide_id in bags]
+    spans = None
+    if config.bag == "case":  # one bag per case: from here on a "slide id" is a case id
+        from mil.cases import case_bags, group_cases
+
+        rows, members = group_cases(rows, config.task)
+        bags, spans = case_bags(bags, members)
     targets = make_targets(rows, config.task, config.classes)
     strata = {s: v for s, v in zip([r.slide_id for r in rows], targets.strata([r.slide_id for r in rows]))}
+    if config.bag == "case" and config.task == "survival":
+        from mil.cases import survival_strata
+
+        strata = survival_strata(rows, config.n_bins)
 
     runs: list[tuple[int, int, dict]] = []
     split_rows: list[dict] = []
@@ -316,6 +326,12 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
             for part in ("train", "val", "test"):
                 split_rows += [{"slide_id": s, "seed": seed, "fold": k, "split": part} for s in split[part]]
     _record_experiment(exp_dir, experiment, manifest_path, features_dir, config, targets, split_rows)
+    if spans is not None:
+        from mil.cases import spans_table
+
+        table = spans_table(spans)
+        _write_text(exp_dir / "bags.csv", "case_id,slide_id,start,stop\n"
+                    + "".join(f"{r['case_id']},{r['slide_id']},{r['start']},{r['stop']}\n" for r in table))
 
     file_log = logging.FileHandler(exp_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -146,3 +148,19 @@ def test_eval_has_no_grn_tokens_unless_grn_at_test():
     mhim_t(x)  # a forward outside training_step never moves the memory
     assert torch.equal(mhim_t.grn.queries, q_t)
     assert torch.equal(mhim.grn.queries, q0)
+
+
+def test_grn_linear_weights_are_xavier_normal_with_zero_biases():
+    """The official v2 MHIM initialises every Linear (the GRN's too) Xavier-normal, biases zero."""
+    from mil.grn import GlobalRecycleNetwork
+
+    torch.manual_seed(0)
+    grn = GlobalRecycleNetwork(dim=512, n_tokens=5)
+    for name, m in grn.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            fan_out, fan_in = m.weight.shape
+            expected = math.sqrt(2.0 / (fan_in + fan_out))
+            assert float(m.weight.detach().std()) == pytest.approx(expected, rel=0.05), name
+            assert float(m.weight.detach().mean()) == pytest.approx(0.0, abs=3 * expected / math.sqrt(m.weight.numel()))
+            if m.bias is not None:
+                assert torch.count_nonzero(m.bias) == 0, name

@@ -483,3 +483,14 @@ def test_learns_a_synthetic_mil_task(name):
             if auc > 0.95:
                 break
     assert auc > 0.9, f"{name}: train AUC {auc:.3f} after {epoch + 1} epochs"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gelu_embedding_option(name):
+    """``act: gelu`` (MHIM-v2 configs) swaps the embedding's ReLU for GELU, same parameters."""
+    relu, gelu = build(name, 32, 2), build(name, 32, 2, act="gelu")
+    assert count_parameters(relu) == count_parameters(gelu)
+    assert any(isinstance(m, nn.GELU) for m in gelu.feature) and not any(isinstance(m, nn.ReLU) for m in gelu.feature)
+    assert any(isinstance(m, nn.ReLU) for m in relu.feature)
+    with pytest.raises(ConfigError, match="'act'"):
+        build(name, 32, 2, act="swish")

@@ -80,6 +80,16 @@ def check_bool(name: str, value: Any, owner: str) -> bool:
 # small tensor helpers shared by the students
 
 
+#: Activations of the instance embedding ``Linear -> act -> Dropout`` (``act`` of every student):
+#: ReLU as MHIM-MIL v1 and CLAM, GELU as the MHIM-v2 configs (``act: gelu``).
+EMBED_ACTIVATIONS = ("relu", "gelu")
+
+
+def embedding_activation(name: str) -> nn.Module:
+    """The embedding's activation module for ``name`` in :data:`EMBED_ACTIVATIONS`."""
+    return nn.GELU() if name == "gelu" else nn.ReLU()
+
+
 def init_weights(module: nn.Module) -> None:
     """Xavier-normal weights, zero biases for Linear/Conv; LayerNorm to identity.
 

@@ -6,12 +6,14 @@ import torch
 from torch import nn
 
 from ._base import (
+    EMBED_ACTIVATIONS,
     MILModel,
     check_bool,
     check_choice,
     check_float,
     check_int,
     class_confidence,
+    embedding_activation,
     fill_invalid,
     init_weights,
     masked_softmax,
@@ -57,10 +59,12 @@ class ABMIL(MILModel):
         dropout: float = 0.25,
         attn_bias: bool = False,
         attn_act: str | None = None,
+        act: str = "relu",
         task: str = "classification",
     ) -> None:
         super().__init__(in_dim, n_classes, task=task)
         owner = type(self).__name__
+        check_choice("act", act, owner, EMBED_ACTIVATIONS)
         check_bool("gated", gated, owner)
         self._embed_dim = check_int("embed_dim", embed_dim, owner)
         check_int("attn_dim", attn_dim, owner)
@@ -71,7 +75,7 @@ class ABMIL(MILModel):
         check_choice("attn_act", attn_act, owner, ("tanh", "relu", "gelu"))
         self.gated = gated
 
-        self.feature = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.feature = nn.Sequential(nn.Linear(in_dim, embed_dim), embedding_activation(act), nn.Dropout(dropout))
         self.attention = AttentionScorer(
             embed_dim, attn_dim, 1, gated=gated, bias=attn_bias, act=attn_act
         )

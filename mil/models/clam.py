@@ -7,12 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._base import (
+    EMBED_ACTIVATIONS,
     MILModel,
     check_bool,
     check_choice,
     check_float,
     check_int,
     class_confidence,
+    embedding_activation,
     fill_invalid,
     init_weights,
     masked_softmax,
@@ -85,10 +87,12 @@ class CLAM(MILModel):
         instance_loss: str = "svm",
         subtyping: bool = False,
         bag_weight: float = 0.7,
+        act: str = "relu",
         task: str = "classification",
     ) -> None:
         super().__init__(in_dim, n_classes, task=task)
         owner = type(self).__name__
+        check_choice("act", act, owner, EMBED_ACTIVATIONS)
         self.multi_branch = check_bool("multi_branch", multi_branch, owner)
         check_bool("gated", gated, owner)
         self._embed_dim = check_int("embed_dim", embed_dim, owner)
@@ -99,7 +103,7 @@ class CLAM(MILModel):
         self.subtyping = check_bool("subtyping", subtyping, owner)
         self.bag_loss_weight = check_float("bag_weight", bag_weight, owner, low=0.0, high=1.0)
 
-        self.feature = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.feature = nn.Sequential(nn.Linear(in_dim, embed_dim), embedding_activation(act), nn.Dropout(dropout))
         n_branches = n_classes if multi_branch else 1
         self.attention = AttentionScorer(
             embed_dim, attn_dim, n_branches, gated=gated, bias=True, act="tanh", dropout=dropout

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from ._base import (
+    EMBED_ACTIVATIONS,
     MILModel,
     bag_classification_loss,
     check_choice,
     check_float,
     check_int,
+    embedding_activation,
     fill_invalid,
     init_weights,
     masked_softmax,
@@ -73,10 +75,12 @@ class DSMIL(MILModel):
         dropout: float = 0.25,
         dropout_v: float = 0.0,
         prediction: str = "v1",
+        act: str = "relu",
         task: str = "classification",
     ) -> None:
         super().__init__(in_dim, n_classes, task=task)
         owner = type(self).__name__
+        check_choice("act", act, owner, EMBED_ACTIVATIONS)
         self.prediction = check_choice("prediction", prediction, owner, ("v1", "v2"))
         if prediction == "v2":
             self.bag_loss_weight = 1.0  # the averaged logits carry both streams
@@ -86,7 +90,7 @@ class DSMIL(MILModel):
         check_float("dropout_v", dropout_v, owner, low=0.0, high=1.0, high_open=True)
         self.q_dim = q_dim
 
-        self.feature = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.feature = nn.Sequential(nn.Linear(in_dim, embed_dim), embedding_activation(act), nn.Dropout(dropout))
         self.instance_classifier = nn.Linear(embed_dim, n_classes)
         self.query = nn.Sequential(
             nn.Linear(embed_dim, q_dim), nn.ReLU(), nn.Linear(q_dim, q_dim), nn.Tanh()

@@ -6,11 +6,14 @@ import torch
 from torch import nn
 
 from ._base import (
+    EMBED_ACTIVATIONS,
     MILModel,
     bag_classification_loss,
+    check_choice,
     check_float,
     check_int,
     class_confidence,
+    embedding_activation,
     init_weights,
 )
 from ._layers import AttentionScorer
@@ -64,17 +67,19 @@ class DTFD(MILModel):
         attn_dim: int = 128,
         n_groups: int = 5,
         dropout: float = 0.25,
+        act: str = "relu",
         task: str = "classification",
     ) -> None:
         super().__init__(in_dim, n_classes, task=task)
         owner = type(self).__name__
+        check_choice("act", act, owner, EMBED_ACTIVATIONS)
         self._embed_dim = check_int("embed_dim", embed_dim, owner)
         check_int("attn_dim", attn_dim, owner)
         self.n_groups = check_int("n_groups", n_groups, owner)
         check_float("dropout", dropout, owner, low=0.0, high=1.0, high_open=True)
 
         self.feature = nn.Sequential(
-            nn.Linear(in_dim, embed_dim, bias=False), nn.ReLU(), nn.Dropout(dropout)
+            nn.Linear(in_dim, embed_dim, bias=False), embedding_activation(act), nn.Dropout(dropout)
         )
         self.tier1_attention = AttentionScorer(embed_dim, attn_dim, 1, gated=True, act="tanh")
         self.tier1_dropout = nn.Dropout(dropout)

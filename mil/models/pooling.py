@@ -6,10 +6,13 @@ import torch
 from torch import nn
 
 from ._base import (
+    EMBED_ACTIVATIONS,
     MILModel,
+    check_choice,
     check_float,
     check_int,
     class_confidence,
+    embedding_activation,
     fill_invalid,
     init_weights,
 )
@@ -27,13 +30,15 @@ class _PoolingMIL(MILModel):
         *,
         embed_dim: int = 512,
         dropout: float = 0.25,
+        act: str = "relu",
         task: str = "classification",
     ) -> None:
         super().__init__(in_dim, n_classes, task=task)
         owner = type(self).__name__
+        check_choice("act", act, owner, EMBED_ACTIVATIONS)
         self._embed_dim = check_int("embed_dim", embed_dim, owner)
         check_float("dropout", dropout, owner, low=0.0, high=1.0, high_open=True)
-        self.feature = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.feature = nn.Sequential(nn.Linear(in_dim, embed_dim), embedding_activation(act), nn.Dropout(dropout))
         self.classifier = nn.Linear(embed_dim, n_classes)
         init_weights(self)
 

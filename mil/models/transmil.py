@@ -11,10 +11,13 @@ from torch import nn
 from extract.errors import ConfigError
 
 from ._base import (
+    EMBED_ACTIVATIONS,
     MILModel,
+    check_choice,
     check_float,
     check_int,
     class_confidence,
+    embedding_activation,
     init_weights,
 )
 from ._registry import ParamCount, register_model
@@ -158,10 +161,12 @@ class TransMIL(MILModel):
         residual_kernel: int = 33,
         attn_dropout: float = 0.1,
         dropout: float = 0.0,
+        act: str = "relu",
         task: str = "classification",
     ) -> None:
         super().__init__(in_dim, n_classes, task=task)
         owner = type(self).__name__
+        check_choice("act", act, owner, EMBED_ACTIVATIONS)
         self._embed_dim = check_int("embed_dim", embed_dim, owner)
         check_int("heads", heads, owner)
         if embed_dim % heads:
@@ -176,7 +181,7 @@ class TransMIL(MILModel):
         check_float("attn_dropout", attn_dropout, owner, low=0.0, high=1.0, high_open=True)
         check_float("dropout", dropout, owner, low=0.0, high=1.0, high_open=True)
 
-        feature: list[nn.Module] = [nn.Linear(in_dim, embed_dim), nn.ReLU()]
+        feature: list[nn.Module] = [nn.Linear(in_dim, embed_dim), embedding_activation(act)]
         if dropout:
             feature.append(nn.Dropout(dropout))
         self.feature = nn.Sequential(*feature)

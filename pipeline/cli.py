@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     g = p.add_argument_group("training")
     g.add_argument("--features", type=Path, help="folder of bags (default: the workspace's only feature folder)")
+    g.add_argument("--recipe", help="training recipe: a name from configs/train/ (e.g. mhim_abmil_c16) or a YAML path")
     g.add_argument("--experiment", help="experiment name (folder under <workspace>/experiments)")
     g.add_argument("--folds", type=int, help="number of cross-validation folds")
     g.add_argument("--seeds", help="comma-separated seeds, e.g. 2021,2022,2023")
@@ -133,6 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, but an unknown flag is reported by its subcommand with the closest flag."""
+    import difflib
+
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = sub.choices[args.command]
+    flags = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+    problems = []
+    for token in extra:
+        name = token.split("=", 1)[0]
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6) if name.startswith("-") else []
+        problems.append(f"{token} (did you mean {close[0]}?)" if close else token)
+    command.error(f"unrecognized argument(s): {' '.join(problems)}; see `wsi-pipeline {args.command} --help`")
+
+
 def main(argv: list[str] | None = None) -> int:
     from extract.errors import PipelineError
 
@@ -143,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # the bare command: show what it can do rather than a one-line usage error
         parser.print_help()
         return 2
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     args.argv = argv
     setup_logging(args.verbose, args.quiet)
     try:

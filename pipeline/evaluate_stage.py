@@ -1156,7 +1156,11 @@ def evaluate_command(args) -> int:
                            ("experiment", "features", "heatmaps", "protocol", "device", "threshold"))
     attach_run_log(inputs.workspace, "evaluate")
     cfg = inputs.section
-    experiment = cfg.experiment or (inputs.raw.get("name") if inputs.raw else None)
+    experiment = cfg.experiment
+    if experiment is None and inputs.raw:  # the same rule as train: train.experiment, name, recipe, model
+        from .train_stage import config_experiment_name
+
+        experiment = config_experiment_name(inputs.raw, Path(args.config).resolve().parent)
     if not experiment:
         raise ConfigError("no experiment: pass --experiment NAME (a folder under <workspace>/experiments)")
     features = cfg.features

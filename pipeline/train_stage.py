@@ -287,8 +287,9 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from mil.cpu_threads import cpu_threads_for
     from mil.data import load_bags, make_splits, make_targets
-    from mil.trainer import train_fold
+    from mil.trainer import resolve_device, train_fold
 
     from .manifest import load_manifest
     from .runner import SlideLock
@@ -348,7 +349,7 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
     start = time.perf_counter()
     multi_seed = len(config.seeds) > 1
     try:
-        with logging_redirect_tqdm():
+        with logging_redirect_tqdm(), cpu_threads_for(bags, resolve_device(config.device)):
             bar = tqdm(runs, desc="train", unit="fold", disable=not progress, dynamic_ncols=True)
             for seed, k, split in bar:
                 fold_dir = ws.fold_dir(experiment, k, seed if multi_seed else None)
@@ -439,10 +440,55 @@ def _list_models() -> str:
 
 
 def experiment_name(section: dict, raw: dict, recipe_path: Path | None, config) -> str:
-    """The experiment's folder name when none is given: section, config name, recipe, model."""
+    """The experiment's folder name when no ``--experiment`` is given.
+
+    One rule for ``train``, ``evaluate`` and ``run``: ``train.experiment``, then the config's
+    top-level ``name``, then the recipe's file name, then the model (``mhim_<model>`` with MHIM).
+    """
     return (section.get("experiment") or raw.get("name")
             or (recipe_path.stem if recipe_path is not None else None)
             or (f"mhim_{config.model}" if config.mhim is not None else config.model))
+
+
+def config_experiment_name(raw: dict, base: Path) -> str | None:
+    """The experiment a pipeline config trains (:func:`experiment_name`), None without one.
+
+    ``evaluate --config X.yaml`` uses this, so it finds what ``train --config X.yaml`` made.
+    """
+    section = dict(raw.get("train") or {})
+    if not section and not raw.get("name"):
+        return None
+    config, recipe_path = resolve_train_config(section, base, {})
+    return experiment_name(section, raw, recipe_path, config)
+
+
+def is_bare_recipe(raw: dict) -> bool:
+    """True for a recipe file (``configs/train/*.yaml``: TrainConfig keys at the top level).
+
+    A pipeline config has ``manifest``/``workspace``/stage sections instead; a file mixing
+    both is not a recipe and is left to the pipeline config's own validation.
+    """
+    from mil.trainer import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return bool(raw) and set(raw) <= fields
+
+
+def _train_inputs(args):
+    """``resolve_stage`` for train, where ``--config`` may also be a bare recipe file."""
+    recipe = getattr(args, "recipe", None)
+    config_path = getattr(args, "config", None)
+    if config_path is not None and is_bare_recipe(load_yaml(config_path)):
+        if recipe is not None:
+            raise ConfigError(f"--config {config_path} is a train recipe and --recipe {recipe} is another; pass one")
+        recipe = str(Path(config_path).resolve())
+        args = argparse.Namespace(**{**vars(args), "config": None})
+    inputs = resolve_stage(args, "train", _section_class(), flag_names=())
+    section = dict(inputs.raw.get("train") or {})
+    if recipe is not None:
+        section["recipe"] = recipe  # --recipe replaces the config's recipe; inline keys still refine it
+    base = Path(args.config).resolve().parent if getattr(args, "config", None) else Path.cwd()
+    return inputs, section, base
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -452,11 +498,9 @@ def train_command(args: argparse.Namespace) -> int:
         return 0
     flags = {name: getattr(args, name, None) for name in TRAIN_FLAGS}
     flags["seeds"] = _parse_seeds(flags["seeds"])
-    inputs = resolve_stage(args, "train", _section_class(), flag_names=())
-    attach_run_log(inputs.workspace, "train")
-    base = Path(args.config).resolve().parent if getattr(args, "config", None) else Path.cwd()
-    section = dict(inputs.raw.get("train") or {})
+    inputs, section, base = _train_inputs(args)
     config, recipe_path = resolve_train_config(section, base, flags)
+    attach_run_log(inputs.workspace, "train")
 
     experiment = getattr(args, "experiment", None) or experiment_name(section, inputs.raw, recipe_path, config)
     features = getattr(args, "features", None)

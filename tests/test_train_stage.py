@@ -153,3 +153,29 @@ def test_survival_experiment_from_a_manifest_with_time_and_event(workspace, tmp_
     done = json.loads((exp / "fold_0" / "done.json").read_text())
     assert done["metric"] == "c_index" and 0 <= done["best_value"] <= 1
     assert "val_c_index" in read_csv(exp / "fold_1" / "history.csv")[0]
+
+
+def test_recipe_flag_and_bare_recipe_config_train_the_same_experiment(workspace, tmp_path, capsys):
+    ws, manifest = workspace
+    common = ["--workspace", str(ws), "--manifest", str(manifest), "--epochs", "1", "--folds", "2",
+              "--device", "cpu", "-q", "--experiment", "recipe_forms"]
+    assert main(["train", "--recipe", "abmil", *common]) == 0
+    # the same recipe as a bare file: detected by its keys, the experiment is found finished
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "train" / "abmil.yaml"
+    assert main(["train", "--config", str(recipe), *common]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert main(["train", "--config", str(recipe), "--recipe", "transmil", *common]) == 2
+    assert "is a train recipe and --recipe transmil is another" in capsys.readouterr().err
+
+
+def test_evaluate_finds_the_experiment_train_named_from_the_same_config(workspace, tmp_path, capsys):
+    ws, manifest = workspace
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "top_name", "workspace": str(ws), "manifest": str(manifest),
+                                   "train": {"recipe": "abmil", "experiment": "section_name", "epochs": 1,
+                                             "folds": 2, "device": "cpu"},
+                                   "evaluate": {"n_boot": 10}}))
+    assert main(["train", "--config", str(cfg), "-q"]) == 0
+    assert (ws / "experiments" / "section_name" / "fold_1" / "done.json").is_file()
+    assert main(["evaluate", "--config", str(cfg), "-q"]) == 0
+    assert (ws / "experiments" / "section_name" / "evaluation" / "metrics.json").is_file()

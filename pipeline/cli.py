@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", help="imagenet | random | PATH to a local checkpoint (.pth/.pt/.bin/.safetensors) "
                                      "or the folder holding it (e.g. a Hugging Face snapshot)")
     g.add_argument("--seg-tag", help="which segmentation to read (default: the only one in the workspace)")
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batch-size", help="patches per batch, or 'auto' (from the free GPU memory; 64 on a CPU)")
     g.add_argument("--num-workers", type=int, help="reader processes per device")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--devices", help="comma-separated CUDA indices: one process per GPU on the shared workspace")

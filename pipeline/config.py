@@ -173,7 +173,7 @@ class ExtractConfig:
     backbone: str = "resnet50_trunc"
     backbone_kw: str | None = None  # timm:<name> only: "key=value,..." for timm.create_model
     weights: str = "imagenet"
-    batch_size: int = 256
+    batch_size: int | str = 256  # or "auto": from the free device memory (64 on a CPU)
     num_workers: int = 2
     device: str = "auto"
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
@@ -183,7 +183,12 @@ class ExtractConfig:
     export_pt: bool = False
 
     def __post_init__(self):
-        if self.batch_size < 1:
+        if isinstance(self.batch_size, str):
+            if self.batch_size.strip().isdigit():
+                object.__setattr__(self, "batch_size", int(self.batch_size))
+            elif self.batch_size != "auto":
+                raise ConfigError(f"The 'batch_size' parameter must be a number >= 1 or 'auto'. Got {self.batch_size!r} instead.")
+        if self.batch_size != "auto" and self.batch_size < 1:
             raise ConfigError(f"The 'batch_size' parameter must be >= 1. Got {self.batch_size} instead.")
         if self.num_workers < 0:
             raise ConfigError(f"The 'num_workers' parameter must be >= 0. Got {self.num_workers} instead.")

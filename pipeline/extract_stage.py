@@ -122,8 +122,10 @@ class Extractor:
         model = getattr(self.model, "_orig_mod", self.model)
         return model.backbone_config
 
-    def __call__(self, patches) -> np.ndarray:
-        """``patches`` uint8 ``[B, H, W, 3]`` (numpy or pinned tensor) -> float32 ``[B, D]``."""
+    def embed(self, patches):
+        """``patches`` uint8 ``[B, H, W, 3]`` (numpy, pinned or device tensor) -> float32 ``[B, D]``
+        left on the device: nothing here waits for the device, so reading the next batch
+        overlaps this one's forward pass."""
         import torch
 
         from extract.backbones import preprocess_on_device
@@ -135,7 +137,11 @@ class Extractor:
                        else contextlib.nullcontext())
             with context:
                 features = self.model(x)
-        return features.float().cpu().numpy()
+            return features.float()
+
+    def __call__(self, patches) -> np.ndarray:
+        """``patches`` uint8 ``[B, H, W, 3]`` (numpy or pinned tensor) -> float32 ``[B, D]`` on the host."""
+        return self.embed(patches).cpu().numpy()
 
 
 def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractConfig,
@@ -174,7 +180,11 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
 
     patch0 = int(cattrs["patch_size_level0"])
     out_px = int(cattrs.get("patch_px", 0)) or min(patch0, max([ex.config.input_size for ex in extractors] + [224]))
-    features = [np.zeros((n, ex.config.feature_dim), np.float32) for ex in extractors]
+    import torch
+
+    with torch.inference_mode():  # features stay on the device until the slide is done (one sync)
+        features = [torch.zeros((n, ex.config.feature_dim), dtype=torch.float32, device=ex.device)
+                    for ex in extractors]
     device = extractors[0].device
     shared_device = all(ex.device == device for ex in extractors)
     pin = any(ex.device.type == "cuda" for ex in extractors)
@@ -195,16 +205,19 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
             except StopIteration:
                 break
             t_read += time.perf_counter() - t0
-            if len(extractors) > 1 and shared_device and device.type != "cpu":
-                import torch
-
+            if shared_device and device.type != "cpu":
                 patches = torch.as_tensor(patches).to(device, non_blocking=True)  # one transfer for all
+            rows = torch.as_tensor(indices)
             for k, ex in enumerate(extractors):
                 t1 = time.perf_counter()
-                features[k][indices] = ex(patches)
+                with torch.inference_mode():
+                    features[k][rows.to(ex.device, non_blocking=True)] = ex.embed(patches)
                 t_model[k] += time.perf_counter() - t1
             bar.update(len(indices))
     bar.close()
+    t1 = time.perf_counter()
+    features = [f.cpu().numpy() for f in features]  # waits for the last forward passes
+    t_model[-1] += time.perf_counter() - t1
     report = batches.report
     keep = np.ones(n, bool)
     keep[report.dropped] = False
@@ -218,7 +231,8 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
             message += f" (one read pass for {len(extractors)} encoders)"
         if a["dropped_patches"]:
             message += f"; {a['dropped_patches']} unreadable patch(es) dropped ({report.errors[0] if report.errors else ''})"
-        outcomes.append(SlideOutcome("done", message, patches=int(keep.sum())))
+        outcomes.append(SlideOutcome("done", message, patches=int(keep.sum()),
+                                     extra={"read_s": round(t_read, 3), "model_s": round(t_model[k], 3)}))
     return outcomes if several else outcomes[0]
 
 
@@ -335,6 +349,14 @@ def run_extract_all(manifest_path: Path, workspace: Path, config: ExtractConfig,
         log.info("extracting with %s (%s, %d-d) on %s in %s -> %s", bb.name, bb.weights_id,
                  bb.feature_dim, extractor.device, precision, out_dir)
         encoders.append(_Encoder(cfg, extractor, btag, out_dir, digest))
+
+    if config.batch_size == "auto":
+        from .device_feed import auto_batch_size
+
+        tiling = _seg_tiling(seg_record)
+        size = auto_batch_size([e.extractor for e in encoders], int(tiling.get("patch_px") or 256))
+        for e in encoders:
+            e.config = dataclasses.replace(e.config, batch_size=size)
 
     seg_statuses = StatusFile(ws.segment_dir(tag) / "status.csv").read()
     seg_records = SlideRecords(ws.segment_dir(tag))  # fresher than status.csv while segment runs

@@ -34,7 +34,7 @@ def test_two_encoders_read_each_patch_once_and_resume_separately(tmp_path, slide
     with h5py.File(ws / "segment" / "level0_256px_bwh_biopsy" / "coords" / "cmu.h5") as f:
         coords = f["coords"][:]
     run = ["extract", "--manifest", str(manifest), "--workspace", str(ws), "--backbone", "resnet18,resnet50_trunc",
-           "--weights", "random", "--batch-size", "16", "--num-workers", "0", "--dtype", "float32", "-q"]
+           "--weights", "random", "--batch-size", "auto", "--num-workers", "0", "--dtype", "float32", "-q"]
     assert main(run) == 0
     assert read_counter["patches"] == len(coords) == 50  # not 100: both models fed from one read
     tag = "level0_256px_bwh_biopsy"
@@ -76,3 +76,13 @@ def test_several_backbones_need_one_weights_value_or_one_each(tmp_path, capsys):
                  "--backbone", "resnet18,resnet50", "--weights", "random,random,random", "-q"])
     assert code == 2
     assert "one value or one per backbone (2: resnet18, resnet50)" in capsys.readouterr().err
+
+
+def test_batch_size_is_a_number_or_auto():
+    from extract.errors import ConfigError
+    from pipeline.config import ExtractConfig
+
+    assert ExtractConfig(batch_size="auto").batch_size == "auto"
+    assert ExtractConfig(batch_size="32").batch_size == 32
+    with pytest.raises(ConfigError, match="a number >= 1 or 'auto'"):
+        ExtractConfig(batch_size="lots")

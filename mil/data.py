@@ -536,8 +536,9 @@ def make_splits(
     seed : shuffling seed; the same seed gives the same folds.
     val_ratio : share of each fold's training slides (whole cases) carved out for validation,
         stratified; e.g. 10/75 gives TCGA's 65:10:25 with 4 folds.
-    protocol : 'default' (validation carved from training) or 'paper' (validation IS the test
-        fold, as the official MHIM-MIL CAMELYON16 code; optimistic, for comparison only).
+    protocol : 'default' (validation carved from training) or 'paper' (the official MHIM-MIL
+        folds, :mod:`mil.official_splits`, and validation IS the test fold, as the official
+        CAMELYON16 code; optimistic, for comparison only).
     strata : slide_id -> stratum, overriding the label / event status.
 
     Returns
@@ -629,7 +630,16 @@ def make_splits(
         if small:
             log.warning("stratum/strata %s have fewer cases than folds (%d): some test folds lack them",
                         small, n_folds)
-        fold_of = _assign_folds(list(slides), case_stratum, sizes, n_folds, rng)
+        if protocol == "paper":  # the official folds: StratifiedKFold over the cases shuffled by the seed
+            from mil.official_splits import official_folds
+
+            cases = list(slides)  # first appearance = manifest (= official label file) order
+            try:
+                fold_of = official_folds(cases, [case_stratum[c] for c in cases], n_folds, seed)
+            except ValueError as exc:
+                raise ConfigError(f"protocol paper: the official fold procedure failed ({exc})") from exc
+        else:
+            fold_of = _assign_folds(list(slides), case_stratum, sizes, n_folds, rng)
 
     splits = []
     for k in range(n_folds):

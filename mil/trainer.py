@@ -495,8 +495,12 @@ def _build_student(meta: Mapping[str, Any]) -> nn.Module:
                         task=meta["task"], **dict(meta["model_kw"]))
 
 
-def load_student(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_student(checkpoint_path: str | Path, device: str | torch.device = "cpu",
+                 which: str = "student") -> nn.Module:
     """Rebuild the trained student of a checkpoint, in eval mode, on ``device``.
+
+    ``which='teacher'`` rebuilds the MHIM teacher (the EMA model) saved with it instead; a
+    checkpoint without one (a baseline) raises CheckpointError.
 
     The returned module carries ``wsi_meta`` (model, model_kw, in_dim, n_classes, task, classes,
     bin_edges, seed, fold, epoch, val_threshold), which :func:`predict_bags` uses. With an MHIM
@@ -504,13 +508,18 @@ def load_student(checkpoint_path: str | Path, device: str | torch.device = "cpu"
     """
     path = Path(checkpoint_path)
     ckpt = read_checkpoint(path)
+    if which not in ("student", "teacher"):
+        raise ConfigError(f"The 'which' parameter of load_student must be 'student' or 'teacher'. Got {which!r} instead.")
+    if which == "teacher" and ckpt.get("teacher") is None:
+        raise CheckpointError(f"{path}: no MHIM teacher in this checkpoint (a baseline, or trained before "
+                              "teachers were saved with the best model)")
     try:
         model = _build_student(ckpt)
-        model.load_state_dict(ckpt["student"], strict=True)
+        model.load_state_dict(ckpt[which], strict=True)
     except (RuntimeError, KeyError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"{path}: the weights do not fit model {ckpt['model']!r} ({exc})") from exc
     mhim = ckpt.get("mhim")
-    if mhim and mhim.get("grn_at_test") and ckpt.get("grn") is not None:
+    if which == "student" and mhim and mhim.get("grn_at_test") and ckpt.get("grn") is not None:
         from mil.mhim import MHIM, MHIMConfig
 
         wrapper = MHIM(model, MHIMConfig(**mhim))
@@ -1033,6 +1042,8 @@ def train_fold(
             if task == "classification" and n_out == 2:
                 threshold = _youden([targets.y[s] for s in val_ids], [r["prob"][1] for r in rows])
             best = {**meta, "kind": "best", "epoch": epoch, "student": student.state_dict(),
+                    # the EMA teacher at the selected epoch: evaluate reports it next to the student
+                    "teacher": wrapper.teacher.state_dict() if wrapper is not None else None,
                     "grn": wrapper.grn.state_dict() if wrapper is not None and wrapper.grn is not None else None,
                     "val_metrics": val, "val_threshold": threshold, "teacher_from": teacher_from, **run_meta}
             _save(best, best_path)

@@ -593,14 +593,15 @@ def _as_array(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _score(unit: FoldUnit, bags, ids: Sequence[str], device, task: str) -> list[dict]:
-    """Predictions of one fold model on ``ids``: dicts with prob or risk, survival and instance scores."""
+def _score(unit: FoldUnit, bags, ids: Sequence[str], device, task: str, which: str = "student") -> list[dict]:
+    """Predictions of one fold model (its student, or its MHIM teacher) on ``ids``: dicts with prob
+    or risk, survival and instance scores."""
     from mil.trainer import load_student, predict_bags
 
     ids = [s for s in ids if s in bags]
     if not ids:
         return []
-    model = load_student(unit.checkpoint, device)
+    model = load_student(unit.checkpoint, device, which=which)
     meta = getattr(model, "wsi_meta", {}) or {}
     if meta.get("task") not in (None, task):
         raise CheckpointError(f"{unit.checkpoint}: a {meta['task']} model in a {task} experiment; "
@@ -617,6 +618,26 @@ def _score(unit: FoldUnit, bags, ids: Sequence[str], device, task: str) -> list[
         rows.append(row)
     del model
     return rows
+
+
+def _teacher_metrics(units, bags, protocol: str, device, task: str, classes, truth: dict, n_boot: int,
+                     threshold: str) -> dict | None:
+    """The MHIM teacher (EMA model) of every fold, scored and summarised like the student, as the
+    official code logs it; None for a baseline experiment."""
+    from mil.trainer import read_checkpoint
+
+    if not all(read_checkpoint(u.checkpoint).get("teacher") is not None for u in units):
+        return None
+    records: list[dict] = []
+    for unit in units:
+        splits = (("test", unit.test),) if protocol == "paper" else (("val", unit.val), ("test", unit.test))
+        for split, ids in splits:
+            records += _table_rows(_score(unit, bags, ids, device, task, which="teacher"), unit, split, task,
+                                   classes, truth)
+    t_metrics, _ = evaluate_predictions(pd.DataFrame(records), task, classes, protocol, n_boot, threshold=threshold)
+    return {"folds": t_metrics["folds"], "mean": t_metrics["mean"], "std": t_metrics["std"],
+            "note": "the MHIM teacher (EMA of the student) saved with each fold's selected epoch, scored on "
+                    "the same slides with the same threshold rule"}
 
 
 def _table_rows(scored: list[dict], unit: FoldUnit | None, split: str, task: str,
@@ -973,6 +994,9 @@ def run_evaluation(
                     instance[(unit.seed, unit.fold, r["slide_id"])] = r["instance_scores"]
     pred = pd.DataFrame(records)
     metrics, pred = evaluate_predictions(pred, task, classes, protocol, n_boot, threshold=threshold)
+    teacher = _teacher_metrics(exp.units, bags, protocol, dev, task, classes, own_truth, n_boot, threshold)
+    if teacher is not None:
+        metrics["teacher"] = teacher
     metrics["experiment"] = experiment
     metrics["format_version"] = FORMAT_VERSION
     if missing:

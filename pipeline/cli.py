@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="store_true")
 
+    from .submit import add_submit_parser
+    add_submit_parser(sub)
+
     p = sub.add_parser("make-demo", help="write a generated cohort of pyramidal SVS slides and its manifest")
     p.add_argument("--out", type=Path, required=True, help="folder for the slides and manifest.csv")
     p.add_argument("--slides", type=int, default=24)
@@ -162,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # the bare command: show what it can do rather than a one-line usage error
         parser.print_help()
         return 2
+    stage_args: list[str] = []
+    if argv[0] == "submit" and "--" in argv:  # `submit STAGE ... -- <flags of the stage command>`
+        cut = argv.index("--")
+        argv, stage_args = argv[:cut], argv[cut + 1:]
     args = _parse(parser, argv)
     args.argv = argv
+    args.stage_args = stage_args
     setup_logging(args.verbose, args.quiet)
     try:
         if args.command == "make-demo":
@@ -191,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from .status import status_command
             return status_command(args)
+        if args.command == "submit":
+            from .submit import submit_command
+            return submit_command(args)
     except PipelineError as exc:
         log.error("%s", exc)
         return 2

@@ -220,7 +220,7 @@ def resolve_stage(args, section_name: str, section_cls, flag_names: tuple[str, .
     if getattr(args, "config", None) is not None:
         raw = load_yaml(args.config)
         base = Path(args.config).resolve().parent
-        allowed = {"manifest", "workspace", "segment", "extract", "train", "evaluate", "name"}
+        allowed = {"manifest", "workspace", "segment", "extract", "train", "evaluate", "name", "slurm"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise ConfigError(

@@ -135,7 +135,7 @@ def slide_stage_status(stage: str, label: str, stage_dir: Path, outputs: Path,
     else:
         st.note = "manifest unknown: pending not counted (pass --manifest)"
     st.per_hour = _rate([r for sid, r in records.items() if sid in wanted and r.get("state") in ("done", "empty")])
-    if st.per_hour and st.pending is not None:
+    if st.per_hour and st.pending is not None and st.pending + st.running:
         st.eta_s = (st.pending + st.running) / st.per_hour * 3600
     return st
 
@@ -187,7 +187,8 @@ def train_status(exp_dir: Path) -> StageStatus:
     st.pending = st.total - st.done - st.running - st.failed
     if len(finished) >= 2 and max(finished) > min(finished):
         st.per_hour = (len(finished) - 1) / (max(finished) - min(finished)) * 3600
-        st.eta_s = (st.pending + st.running) / st.per_hour * 3600
+        if st.pending + st.running:
+            st.eta_s = (st.pending + st.running) / st.per_hour * 3600
     metrics = exp_dir / "evaluation" / "metrics.json"
     st.note = "evaluated" if metrics.is_file() else ""
     return st

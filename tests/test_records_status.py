@@ -160,7 +160,7 @@ def test_status_mid_run_shows_running_done_failed_and_pending(tmp_path, capsys):
         assert [(h.item, h.pid, h.host) for h in st.holders] == [("s3", proc.pid, socket.gethostname())]
         assert st.failures == [("s1", "s1.svs: cannot open (truncated file)")]
         text = format_status([st], ws)
-        assert f"s3" in text and f"{socket.gethostname()}:{proc.pid}" in text
+        assert "s3" in text and f"{socket.gethostname()}:{proc.pid}" in text
         assert "s1.svs: cannot open (truncated file)" in text
 
         assert main(["status", "--workspace", str(ws), "--json"]) == 0

@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/extract_bench.py
 	$(PY) benchmarks/train_bench.py
 	$(PY) benchmarks/runner_bench.py
+	$(PY) benchmarks/cache_bench.py
 
 clean-demo:
 	rm -rf $(DEMO)

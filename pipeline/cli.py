@@ -14,13 +14,17 @@ from pathlib import Path
 log = logging.getLogger("pipeline")
 
 
-def _common(p: argparse.ArgumentParser, manifest: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, manifest: bool = True, slide_cache: bool = False) -> None:
     g = p.add_argument_group("common")
     if manifest:
         g.add_argument("--manifest", type=Path, help="slide manifest CSV (see data_manifests/README.md)")
     g.add_argument("--workspace", type=Path, help="workspace folder holding every stage's outputs")
     g.add_argument("--config", type=Path, help="YAML config; flags override its values")
     g.add_argument("--shard", metavar="I/N", help="process only rows I, I+N, ... (0-based) of the manifest")
+    if slide_cache:
+        g.add_argument("--cache-dir", type=Path, help="local folder for copies of slides on network storage "
+                       "(the next slide is copied while the current one is processed)")
+        g.add_argument("--cache-gb", type=float, default=50.0, help="size of the slide cache in GiB (default 50)")
     g.add_argument("--overwrite", action="store_true", default=None,
                    help="redo outputs that were made with other parameters")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -36,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="tissue segmentation and tiling into patch coordinates",
                        description="CLAM-style tissue segmentation and magnification-aware tiling.")
-    _common(p)
+    _common(p, slide_cache=True)
     g = p.add_argument_group("segmentation (defaults from --preset)")
     g.add_argument("--preset", help="default | tcga | bwh_biopsy | bwh_resection | biopsy_ink (configs/segment/)")
     g.add_argument("--sthresh", type=int, help="saturation threshold (0-255)")
@@ -66,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-previews", dest="previews", action="store_false", default=None)
 
     p = sub.add_parser("extract", help="patch features per slide into HDF5 bags, one folder per backbone")
-    _common(p)
+    _common(p, slide_cache=True)
     g = p.add_argument_group("extraction")
     g.add_argument("--backbone", help="backbone name (see --list-backbones); timm:<name> for any timm model")
     g.add_argument("--backbone-kw", help="timm:<name> only: key=value,... passed to timm.create_model")

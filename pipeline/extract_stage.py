@@ -268,12 +268,15 @@ def find_seg_tag(ws: Workspace, wanted: str | None) -> str:
 
 
 def run_extract(manifest_path: Path, workspace: Path, config: ExtractConfig, shard: str | None = None,
-                overwrite: bool = False, progress: bool = True):
-    """Extract every manifest slide not done yet with one backbone; returns (BatchSummary, features_dir)."""
+                overwrite: bool = False, progress: bool = True, cache=None):
+    """Extract every manifest slide not done yet with one backbone; returns (BatchSummary, features_dir).
+
+    ``cache``: a :class:`pipeline.slide_cache.SlideCache` to read slides from local copies.
+    """
     if "," in config.backbone:
         raise ConfigError(f"The 'backbone' parameter must name one backbone here (the run command trains on one "
                           f"feature folder). Got {config.backbone!r} instead; run `wsi-pipeline extract` for several")
-    return run_extract_all(manifest_path, workspace, config, shard, overwrite, progress)[0]
+    return run_extract_all(manifest_path, workspace, config, shard, overwrite, progress, cache)[0]
 
 
 @dataclass
@@ -302,13 +305,15 @@ def _split_backbones(config: ExtractConfig) -> list[ExtractConfig]:
 
 
 def run_extract_all(manifest_path: Path, workspace: Path, config: ExtractConfig, shard: str | None = None,
-                    overwrite: bool = False, progress: bool = True) -> list[tuple]:
+                    overwrite: bool = False, progress: bool = True, cache=None) -> list[tuple]:
     """Extract with every backbone of ``config.backbone`` (comma-separated) in one read pass.
 
     Each slide's patches are read once and fed to every backbone whose bag is not done; a
     backbone's bag is committed by its own pass of the runner (its own lock, record and
     status), so each backbone resumes on its own. Bags computed for a later backbone wait in
     a ``.<slide>.h5.staged`` file (stamped with that backbone's fingerprint) until its pass.
+
+    ``cache``: a :class:`pipeline.slide_cache.SlideCache` to read slides from local copies.
 
     Returns one ``(BatchSummary, features_dir)`` per backbone, in the order given.
     """
@@ -404,8 +409,11 @@ def run_extract_all(manifest_path: Path, workspace: Path, config: ExtractConfig,
 
     results = []
     for k, enc in enumerate(encoders):
+        work = make_work(k)
+        if cache is not None:
+            work = cache.wrap(work, manifest.rows, functools.partial(bag_path, enc), enc.out_dir / ".locks")
         summary = run_slides("extract", manifest.rows, enc.out_dir, functools.partial(bag_path, enc),
-                             enc.digest, make_work(k), overwrite=overwrite, progress=progress,
+                             enc.digest, work, overwrite=overwrite, progress=progress,
                              manifest=manifest_path)
         for row in manifest.rows:  # staged for a slide another process finished meanwhile
             if staged_path(enc, row).is_file() and read_fingerprint(bag_path(enc, row)) == enc.digest:
@@ -497,8 +505,11 @@ def extract_command(args) -> int:
         return _spawn_per_device(args, args.devices)
     inputs = resolve_stage(args, "extract", ExtractConfig, EXTRACT_FLAGS)
     attach_run_log(inputs.workspace, "extract")
-    results = run_extract_all(inputs.manifest, inputs.workspace, inputs.section, args.shard,
-                              bool(args.overwrite), progress=not args.quiet)
+    from .slide_cache import cache_from_args
+
+    with cache_from_args(args) as cache:
+        results = run_extract_all(inputs.manifest, inputs.workspace, inputs.section, args.shard,
+                                  bool(args.overwrite), progress=not args.quiet, cache=cache)
     for summary, out_dir in results:
         print(summary.table())
         print(f"bags:   {out_dir}\nstatus: {out_dir / 'status.csv'}")

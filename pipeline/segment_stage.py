@@ -214,8 +214,12 @@ def _write_preview(slide, image, scale, tissue, coords, patch0, slide_id, path: 
 
 
 def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, shard: str | None = None,
-                overwrite: bool = False, slide_mpp: float | None = None, progress: bool = True):
-    """Segment every manifest slide not done yet; returns (BatchSummary, tag)."""
+                overwrite: bool = False, slide_mpp: float | None = None, progress: bool = True,
+                cache=None):
+    """Segment every manifest slide not done yet; returns (BatchSummary, tag).
+
+    ``cache``: a :class:`pipeline.slide_cache.SlideCache` to read slides from local copies.
+    """
     if manifest_path is None:
         raise ConfigError("no manifest: pass --manifest CSV or set 'manifest:' in the config")
     for name in ("include_geojson", "exclude_geojson"):
@@ -244,6 +248,8 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
         return segment_slide(row, tmp, config, preview, default_mpp=slide_mpp,
                              geojson_path=ws.tissue_geojson_path(tag, row.slide_id))
 
+    if cache is not None:
+        work = cache.wrap(work, manifest.rows, lambda r: ws.coords_path(tag, r.slide_id), out_dir / ".locks")
     summary = run_slides("segment", manifest.rows, out_dir, lambda r: ws.coords_path(tag, r.slide_id),
                          digest, work, overwrite=overwrite, progress=progress, manifest=manifest_path)
     return summary, tag
@@ -252,9 +258,12 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
 def segment_command(args) -> int:
     inputs = resolve_stage(args, "segment", SegmentConfig, SEG_FLAGS)
     attach_run_log(inputs.workspace, "segment")
-    summary, tag = run_segment(inputs.manifest, inputs.workspace, inputs.section, args.shard,
-                               bool(args.overwrite), getattr(args, "slide_mpp", None),
-                               progress=not args.quiet)
+    from .slide_cache import cache_from_args
+
+    with cache_from_args(args) as cache:
+        summary, tag = run_segment(inputs.manifest, inputs.workspace, inputs.section, args.shard,
+                                   bool(args.overwrite), getattr(args, "slide_mpp", None),
+                                   progress=not args.quiet, cache=cache)
     out_dir = Workspace(inputs.workspace).segment_dir(tag)
     print(summary.table())
     print(f"coordinates: {out_dir / 'coords'}")

@@ -34,7 +34,7 @@ def slides(manifest: Path) -> list[Path]:
     return sorted((manifest.parent / "slides").glob("*.svs"))
 
 
-def test_segment_with_the_cache_reads_verified_copies_and_writes_the_same_coords(tmp_path, other_fs, cohort, capsys):
+def test_segment_and_extract_with_the_cache_read_verified_copies_and_write_the_same_outputs(tmp_path, other_fs, cohort, capsys):
     common = ["segment", "--manifest", str(cohort), "--preset", "bwh_biopsy", "--no-previews", "-q"]
     assert main([*common, "--workspace", str(tmp_path / "plain")]) == 0
     capsys.readouterr()
@@ -51,6 +51,20 @@ def test_segment_with_the_cache_reads_verified_copies_and_writes_the_same_coords
         cached = tmp_path / "cached" / "segment" / plain.parent.parent.name / "coords" / plain.name
         with h5py.File(plain) as a, h5py.File(cached) as b:
             np.testing.assert_array_equal(a["coords"][:], b["coords"][:])
+
+    # extract reads the copies made by segment (fresh: nothing copied again), same features
+    extract = ["extract", "--manifest", str(cohort), "--backbone", "resnet18", "--weights", "random",
+               "--batch-size", "16", "--num-workers", "0", "--device", "cpu", "-q"]
+    assert main([*extract, "--workspace", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert main([*extract, "--workspace", str(tmp_path / "cached"), "--cache-dir", str(other_fs)]) == 0
+    assert "4 slide(s) prefetched or already there, 0 copied on demand, 0 copies made" in capsys.readouterr().out
+    bags = sorted((tmp_path / "plain" / "features").glob("*/*/*.h5"))
+    assert len(bags) == 4
+    for plain in bags:
+        cached = tmp_path / "cached" / plain.relative_to(tmp_path / "plain")
+        with h5py.File(plain) as a, h5py.File(cached) as b:
+            np.testing.assert_array_equal(a["features"][:], b["features"][:])
 
 
 def test_lru_eviction_keeps_the_copies_within_budget(other_fs, cohort):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +93,16 @@ class Slide:
         import openslide
 
         self.path = Path(path)
-        if not self.path.exists():
-            raise SlideError(f"{self.path}: file not found; check the manifest 'path' column")
+        try:
+            mode = os.stat(self.path).st_mode
+        except FileNotFoundError:
+            raise SlideError(f"{self.path}: file not found; check the manifest 'path' column") from None
+        except OSError as exc:
+            raise SlideError(f"{self.path}: cannot be read ({exc.strerror or exc})") from exc
+        # Only regular files are opened: a FIFO or a device would block OpenSlide's open() forever.
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise SlideError(f"{self.path}: {kind}, not a slide file; point the manifest 'path' at the slide file")
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as exc:

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-padding", dest="use_padding", action="store_false", default=None,
                    help="drop patches that run past the slide edge")
     g.add_argument("--slide-mpp", type=float, help="level-0 mpp for every slide without one (the manifest 'mpp' column wins)")
+    g.add_argument("--no-mpp-check", action="store_true",
+                   help="accept a level-0 mpp outside 0.05-20 micrometres per pixel (an unusual scanner)")
     g.add_argument("--tag", help="output tag (default: from the tiling, e.g. mpp0.50_256px)")
     g.add_argument("--no-previews", dest="previews", action="store_false", default=None)
 
@@ -85,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float16", "float32"], help="feature storage type")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
     g.add_argument("--export-pt", action="store_true", default=None, help="also write one .pt tensor per slide")
+    g.add_argument("--max-reread", type=float, metavar="FRACTION",
+                   help="share of a slide's patches that may be unreadable at full resolution (default 0.05)")
+    g.add_argument("--reread-action", choices=["degraded", "failed"],
+                   help="a slide over --max-reread: keep its bag flagged 'degraded' (default) or fail it")
     g.add_argument("--list-backbones", action="store_true", help="print the registered backbones and exit")
 
     p = sub.add_parser("train", help="train MIL models (baselines and MHIM-MIL) with cross-validation")
@@ -116,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="segment -> extract -> train -> evaluate from one config")
     _common(p)
+    p.add_argument("--no-mpp-check", action="store_true",
+                   help="accept a level-0 mpp outside 0.05-20 micrometres per pixel (an unusual scanner)")
 
     p = sub.add_parser("status", help="done / failed / pending / running per stage of a workspace, with ETA",
                        description="One table across stages and backbones, who is running what, and the failures.")
@@ -177,7 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     args.stage_args = stage_args
     setup_logging(args.verbose, args.quiet)
+    # A log file on a disk that fills up must not add a traceback per line to the real error.
+    logging.raiseExceptions = False
     try:
+        # Listings answer at once: neither reads more than the registries, which import no torch.
+        if args.command == "extract" and args.list_backbones:
+            from extract.backbones import backbone_table
+
+            print(backbone_table())
+            return 0
+        if args.command == "train" and args.list_models:
+            from mil.model_catalog import model_summaries
+
+            summaries = model_summaries()
+            width = max(map(len, summaries))
+            print("\n".join(f"{name:<{width}}  {text}" for name, text in summaries.items()))
+            return 0
         if args.command == "make-demo":
             from extract.synthetic import make_cohort
 
@@ -208,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             return submit_command(args)
     except PipelineError as exc:
         log.error("%s", exc)
+        return 2
+    except OSError as exc:  # a full disk, a read-only workspace, a missing permission: one line
+        from .os_errors import describe_os_error
+
+        log.error("%s", describe_os_error(exc))
         return 2
     except KeyboardInterrupt:
         log.error("interrupted; finished slides are kept, rerun the same command to continue")

@@ -181,8 +181,16 @@ class ExtractConfig:
     compile: bool = False
     seg_tag: str | None = None
     export_pt: bool = False
+    # A slide whose patches are unreadable at full resolution beyond this fraction (re-read from a
+    # coarser level or dropped) is 'degraded' (bag kept, flagged in status.csv) or 'failed'.
+    max_reread: float = 0.05
+    reread_action: str = "degraded"
 
     def __post_init__(self):
+        if not 0 <= self.max_reread <= 1:
+            raise ConfigError(f"The 'max_reread' parameter must be a fraction in [0, 1]. Got {self.max_reread} instead.")
+        if self.reread_action not in ("degraded", "failed"):
+            raise ConfigError(f"The 'reread_action' parameter must be degraded or failed. Got {self.reread_action!r} instead.")
         if isinstance(self.batch_size, str):
             if self.batch_size.strip().isdigit():
                 object.__setattr__(self, "batch_size", int(self.batch_size))

@@ -897,8 +897,6 @@ def run_evaluation(
     gallery_k : patches per gallery row.
     cmap : heatmap colormap.
     """
-    from mil.data import load_bags
-
     from .manifest import load_manifest
 
     if protocol not in PROTOCOLS:
@@ -906,6 +904,8 @@ def run_evaluation(
     n_heat = parse_heatmaps(heatmaps)
     ws = Workspace(workspace)
     exp = load_experiment(ws, experiment)
+    from mil.data import load_bags  # torch: only once the experiment is known to exist
+
     trained_on_test = [u.name for u in exp.units if set(u.val) & set(u.test)]
     if protocol == "default" and (trained_on_test or (exp.config.get("train") or {}).get("protocol") == "paper"):
         # the models were selected on their test folds: no threshold choice can make that honest
@@ -1178,7 +1178,7 @@ def evaluate_command(args) -> int:
 
     inputs = resolve_stage(args, "evaluate", EvaluateConfig,
                            ("experiment", "features", "heatmaps", "protocol", "device", "threshold"))
-    attach_run_log(inputs.workspace, "evaluate")
+    attach_run_log(inputs.workspace, "evaluate", create_workspace=False)
     cfg = inputs.section
     experiment = cfg.experiment
     if experiment is None and inputs.raw:  # the same rule as train: train.experiment, name, recipe, model

@@ -36,7 +36,7 @@ from .workspace import Workspace, fingerprint
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-EXTRACT_FLAGS = ("backbone", "backbone_kw", "weights", "batch_size", "num_workers", "device", "precision",
+EXTRACT_FLAGS = ("max_reread", "reread_action", "backbone", "backbone_kw", "weights", "batch_size", "num_workers", "device", "precision",
                  "dtype", "compile", "seg_tag", "export_pt")
 
 
@@ -195,7 +195,7 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
                                  ordered=False)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, desc=row.slide_id, unit="patch", leave=False, disable=not progress)
+    bar = tqdm(total=n, desc=row.slide_id, unit="patch", leave=False, disable=not progress or not sys.stderr.isatty())
     with batches:
         it = iter(batches)
         while True:
@@ -221,6 +221,7 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
     report = batches.report
     keep = np.ones(n, bool)
     keep[report.dropped] = False
+    state, unreadable = _read_quality(row.slide_id, n, report, config)
     outcomes = []
     for k, (a, tmp) in enumerate(zip(attrs, tmp_paths)):
         a["dropped_patches"] = int((~keep).sum())
@@ -231,9 +232,28 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
             message += f" (one read pass for {len(extractors)} encoders)"
         if a["dropped_patches"]:
             message += f"; {a['dropped_patches']} unreadable patch(es) dropped ({report.errors[0] if report.errors else ''})"
-        outcomes.append(SlideOutcome("done", message, patches=int(keep.sum()),
-                                     extra={"read_s": round(t_read, 3), "model_s": round(t_model[k], 3)}))
+        if unreadable:
+            message = f"{unreadable}; {message}"
+        outcomes.append(SlideOutcome(state, message, patches=int(keep.sum()),
+                                     extra={"read_s": round(t_read, 3), "model_s": round(t_model[k], 3),
+                                            "reread_patches": int(len(report.retried)),
+                                            "dropped_patches": int((~keep).sum())}))
     return outcomes if several else outcomes[0]
+
+
+def _read_quality(slide_id: str, n: int, report, config: ExtractConfig) -> tuple[str, str]:
+    """``('done', '')``, or ``('degraded', why)`` when more than ``config.max_reread`` of the
+    patches were unreadable at full resolution (re-read from a coarser level, or dropped);
+    with ``reread_action: failed`` such a slide raises SlideError instead (no bag)."""
+    bad = len(report.retried) + len(report.dropped)
+    if n == 0 or bad / n <= config.max_reread:
+        return "done", ""
+    why = (f"{bad} of {n} patches ({bad / n:.0%}) unreadable at full resolution ({len(report.retried)} re-read "
+           f"from a coarser level, {len(report.dropped)} dropped; limit {config.max_reread:g}, --max-reread)")
+    if config.reread_action == "failed":
+        raise SlideError(f"{slide_id}: {why}; the slide file is damaged: rescan or re-export it, or pass "
+                         "--reread-action degraded to keep it flagged")
+    return "degraded", why
 
 
 def _bag_attrs(extractor: Extractor, cattrs: dict) -> dict:
@@ -504,7 +524,9 @@ def extract_command(args) -> int:
     if args.devices:
         return _spawn_per_device(args, args.devices)
     inputs = resolve_stage(args, "extract", ExtractConfig, EXTRACT_FLAGS)
-    attach_run_log(inputs.workspace, "extract")
+    if inputs.manifest is not None:  # nothing (not even the log) is written before the manifest passes
+        load_manifest(inputs.manifest, require=("path",), check_files=False)
+    attach_run_log(inputs.workspace, "extract", create_workspace=False)
     from .slide_cache import cache_from_args
 
     with cache_from_args(args) as cache:

@@ -20,14 +20,27 @@ def setup_logging(verbose: int = 0, quiet: bool = False, log_file: Path | None =
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def attach_run_log(workspace: Path, command: str) -> Path:
-    """Also log (INFO and up, whatever -q says) to ``<workspace>/logs/<command>-<time>-<pid>.log``."""
+def attach_run_log(workspace: Path, command: str, create_workspace: bool = True) -> Path | None:
+    """Also log (INFO and up, whatever -q says) to ``<workspace>/logs/<command>-<time>-<pid>.log``.
+
+    Returns the log's path, or None (with a warning) where the workspace cannot be written, and
+    None where it does not exist and ``create_workspace`` is False (train and evaluate need one
+    that earlier stages made: a mistyped --workspace must not leave an empty folder behind).
+    """
     import os
     import time
 
+    if not create_workspace and not Path(workspace).is_dir():
+        return None
     path = Path(workspace) / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+    except OSError as exc:
+        # A read-only workspace still serves what only reads it; whatever must be written there
+        # fails with its own message where it is written.
+        logging.getLogger(__name__).warning("no log file: cannot write %s (%s)", path.parent, exc.strerror or exc)
+        return None
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -8,18 +8,25 @@ Validation collects every problem with its CSV line number and raises one
 
 from __future__ import annotations
 
+import csv
+import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from extract.errors import ManifestError
+
+log = logging.getLogger(__name__)
 
 KNOWN_COLUMNS = ("slide_id", "path", "label", "case_id", "mpp", "fold", "split", "time", "event")
 SPLITS = ("train", "val", "test")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+#: Longest slide_id: it names files such as ``<slide_id>.h5.tmp-<host>-<pid>`` inside folders, and
+#: most filesystems stop at 255 bytes per name.
+MAX_ID_LENGTH = 200
+#: Plausible level-0 resolutions in micrometres per pixel (100x oil ~0.05 to a 0.5x overview ~20).
+MPP_RANGE = (0.05, 20.0)
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,6 @@ class Manifest:
     path: Path
     rows: list[SlideRow]
     columns: tuple[str, ...]
-    extra: pd.DataFrame = field(repr=False, default=None)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -62,7 +68,7 @@ class Manifest:
 
     def shard(self, index: int, count: int) -> "Manifest":
         """Rows ``index, index + count, ...`` (deterministic, in file order)."""
-        return Manifest(self.path, self.rows[index::count], self.columns, self.extra)
+        return Manifest(self.path, self.rows[index::count], self.columns)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -81,6 +87,7 @@ def load_manifest(
     path: str | Path,
     require: tuple[str, ...] = (),
     check_files: bool = True,
+    check_mpp: bool = True,
 ) -> Manifest:
     """Read and validate a manifest CSV.
 
@@ -90,22 +97,14 @@ def load_manifest(
     require : columns this stage needs besides ``slide_id`` (e.g. ``("path",)``, ``("label",)``,
         ``("time", "event")``); rows with an empty required cell are errors.
     check_files : whether a ``path`` that does not exist is an error.
+    check_mpp : whether an ``mpp`` outside :data:`MPP_RANGE` is an error.
     """
     path = Path(path)
     if path.is_dir():
         raise ManifestError(f"{path}: is a folder; pass the manifest CSV file inside it with --manifest")
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found; pass an existing CSV with --manifest")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError as exc:
-        raise ManifestError(f"{path}: the file is empty; the first line must be a header such as "
-                            "'slide_id,path,label'") from exc
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not a readable CSV ({exc})") from exc
-    table.columns = [str(c).strip() for c in table.columns]
-    columns = tuple(table.columns)
-
+    columns, records = read_csv_strict(path)
     problems: list[str] = []
     if "slide_id" not in columns:
         if len(columns) == 1 and any(sep in columns[0] for sep in (";", "\t")):
@@ -131,9 +130,8 @@ def load_manifest(
     rows: list[SlideRow] = []
     seen: dict[str, int] = {}
     base = path.parent
-    for i, record in enumerate(table.to_dict("records")):
-        line = i + 2
-        sid = record["slide_id"].strip()
+    for line, record in records:
+        sid = record["slide_id"]
 
         def err(msg: str) -> None:
             problems.append(f"line {line} (slide_id {sid or '?'}): {msg}")
@@ -142,6 +140,8 @@ def load_manifest(
             err("empty slide_id")
         elif not _SAFE_ID.match(sid):
             err("slide_id must use only letters, digits, '.', '_' and '-' (it names output files)")
+        elif len(sid) > MAX_ID_LENGTH:
+            err(f"slide_id is {len(sid)} characters long; at most {MAX_ID_LENGTH} (it names output files)")
         if sid in seen:
             err(f"duplicate slide_id (first on line {seen[sid]})")
         seen.setdefault(sid, line)
@@ -159,6 +159,9 @@ def load_manifest(
                 err(f"slide file not found: {slide_path}")
 
         mpp = _number(record.get("mpp"), "mpp", err, positive=True)
+        if mpp is not None and check_mpp and not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
+            err(f"'mpp' {mpp:g} is outside {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} micrometres per pixel (40x is about "
+                "0.25, 20x about 0.5); fix it, or pass --no-mpp-check for an unusual scanner")
         time = _number(record.get("time"), "time", err, positive=False)
         if time is not None and time < 0:
             err(f"'time' must be >= 0, got {time}")
@@ -196,7 +199,71 @@ def load_manifest(
             f"{path}: {len(problems)} problem(s) in the manifest; fix them and rerun:\n  "
             + "\n  ".join(shown) + more
         )
-    return Manifest(path, rows, columns, table)
+    _warn_label_spellings(path, rows)
+    return Manifest(path, rows, columns)
+
+
+def read_csv_strict(path: Path) -> tuple[tuple[str, ...], list[tuple[int, dict[str, str]]]]:
+    """The header and rows of a CSV, every cell a string stripped of surrounding spaces.
+
+    Strict where a lenient reader guesses: a row with more or fewer fields than the header is
+    an error (pandas would take an extra field as an index and shift every column), so is a
+    header naming a column twice or leaving one unnamed. Blank lines are skipped.
+
+    Returns
+    -------
+    (columns, [(line, {column: value})]) with the CSV line number of each row (header = 1).
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            lines = [(reader.line_num, row) for reader in [csv.reader(f)] for row in reader]
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the manifest as a "
+                            "UTF-8 CSV") from exc
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: not a readable CSV ({exc})") from exc
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from exc
+    lines = [(n, [c.strip() for c in row]) for n, row in lines if any(c.strip() for c in row)]
+    if not lines:
+        raise ManifestError(f"{path}: the file is empty; the first line must be a header such as "
+                            "'slide_id,path,label'")
+    header_line, columns = lines[0]
+    problems = []
+    seen: dict[str, int] = {}
+    for i, name in enumerate(columns):
+        if not name:
+            problems.append(f"line {header_line}: column {i + 1} of the header has no name")
+        elif name in seen:
+            problems.append(f"line {header_line}: column '{name}' appears twice (columns {seen[name]} and {i + 1}); "
+                            "keep one")
+        seen.setdefault(name, i + 1)
+    records = []
+    for n, row in lines[1:]:
+        if len(row) != len(columns):
+            problems.append(f"line {n}: {len(row)} field(s) but the header has {len(columns)}; a stray comma or a "
+                            "missing one shifts every column after it (quote values that contain commas)")
+            continue
+        records.append((n, dict(zip(columns, row))))
+    if problems and "slide_id" in columns:
+        raise ManifestError(f"{path}: {len(problems)} problem(s) in the manifest; fix them and rerun:\n  "
+                            + "\n  ".join(problems[:50]))
+    return tuple(columns), records
+
+
+def _warn_label_spellings(path: Path, rows: list[SlideRow]) -> None:
+    """Labels are classes as written; warn where two spellings are one number (``1`` and ``1.0``)."""
+    by_value: dict[float, set[str]] = {}
+    for r in rows:
+        try:
+            by_value.setdefault(float(r.label), set()).add(r.label)
+        except (TypeError, ValueError):
+            continue
+    for spellings in by_value.values():
+        if len(spellings) > 1:
+            names = ", ".join(repr(s) for s in sorted(spellings))
+            log.warning("%s: labels %s are different classes as written although they are the same number; "
+                        "write one spelling if they mean one class", path, names)
 
 
 def _number(value, column: str, err, positive: bool) -> float | None:

@@ -14,6 +14,7 @@ from extract.errors import ConfigError
 
 from .config import ExtractConfig, SegmentConfig, from_dict, resolve_stage
 from .logging_setup import attach_run_log
+from .manifest import load_manifest
 from .extract_stage import run_extract
 from .segment_stage import run_segment
 
@@ -65,9 +66,12 @@ def run_command(args) -> int:
         raise ConfigError(f"{args.config}: The 'evaluate.protocol' key must be one of {', '.join(PROTOCOLS)}. "
                           f"Got {ev['protocol']!r} instead.")
 
-    attach_run_log(seg.workspace, "run")  # only once every section is known to be valid
+    check_mpp = not getattr(args, "no_mpp_check", False)
+    load_manifest(seg.manifest, require=("path",), check_files=False, check_mpp=check_mpp)
+    attach_run_log(seg.workspace, "run")  # only once every section and the manifest are known to be valid
     print("== 1/4 segment")
-    summary, tag = run_segment(seg.manifest, seg.workspace, seg.section, args.shard, overwrite, progress=progress)
+    summary, tag = run_segment(seg.manifest, seg.workspace, seg.section, args.shard, overwrite, progress=progress,
+                               check_mpp=check_mpp)
     if (code := stop_if_failed(summary, "segment")) is not None:
         return code
 

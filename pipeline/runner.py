@@ -34,6 +34,7 @@ from typing import Callable, Iterable
 
 from extract.errors import ConfigError, PipelineError
 
+from .os_errors import describe_os_error, workspace_problem
 from .records import STATUS_FIELDS, SlideRecords, StatusFile
 from .scheduler import current_job, job_running
 
@@ -43,7 +44,8 @@ __all__ = ["STATUS_FIELDS", "SlideRecords", "StatusFile", "SlideOutcome", "Slide
            "SlideLock", "run_slides", "commit", "temp_path_for", "pid_alive", "check_stage_params"]
 # States a slide can end a batch in. 'done'/'empty'/'skipped' are successes; 'locked' means
 # another live process holds it; 'failed' and 'refused' make the command exit non-zero.
-OK_STATES = ("done", "empty", "skipped")
+# 'degraded': done, but part of the slide was unreadable (e.g. patches re-read from a coarser level).
+OK_STATES = ("done", "empty", "skipped", "degraded")
 
 
 @dataclass
@@ -100,9 +102,9 @@ class BatchSummary:
 
     def table(self) -> str:
         """A short human summary: counts per state, then one line per failed slide."""
-        states = ("done", "empty", "skipped", "locked", "refused", "failed")
+        states = ("done", "degraded", "empty", "skipped", "locked", "refused", "failed")
         counts = "  ".join(f"{s} {self.count(s)}" for s in states if self.count(s))
-        worked = [s for s in self.statuses if s.state in ("done", "empty")]
+        worked = [s for s in self.statuses if s.state in ("done", "degraded", "empty")]
         patches = sum(s.patches or 0 for s in worked)
         rate = f"; {patches / self.seconds:.1f} patches/s" if patches and self.seconds > 0 else ""
         lines = [
@@ -117,6 +119,11 @@ class BatchSummary:
         if self.count("locked"):
             lines.append(f"  {self.count('locked')} slide(s) were being processed by another process; "
                          "rerun this command once it has finished to check they are done")
+        degraded = [s for s in self.statuses if s.state == "degraded"]
+        if degraded:
+            lines.append("  slides kept with unreadable parts (status 'degraded'):")
+            width = max(len(s.slide_id) for s in degraded)
+            lines += [f"    {s.slide_id:<{width}}  {s.message}" for s in degraded[:20]]
         empties = [s for s in self.statuses if s.state == "empty"]
         if empties:
             lines.append("  slides with no patches (status 'empty'):")
@@ -396,8 +403,14 @@ def run_slides(
     bar = tqdm(rows, desc=stage, unit="slide", disable=not interactive, dynamic_ncols=True)
     try:
         for i, row in enumerate(bar, 1):
-            status = _one_slide(stage, row, output_path(row), fingerprint_value, work, overwrite,
-                                lock_dir, stale_lock_s, records, leftovers, durable)
+            try:
+                status = _one_slide(stage, row, output_path(row), fingerprint_value, work, overwrite,
+                                    lock_dir, stale_lock_s, records, leftovers, durable)
+            except OSError as exc:  # outside the slide's own try (its lock, its name): still only this slide
+                if workspace_problem(exc):
+                    raise PipelineError(f"{stage} stopped at {row.slide_id}: {describe_os_error(exc)}") from exc
+                status = SlideStatus(row.slide_id, "failed", 0.0, describe_os_error(exc))
+                log.warning("%s %s failed: %s", stage, row.slide_id, status.message)
             summary.add(status)
             rate = f", {status.patches} patches ({status.patches_per_s:.1f}/s)" if status.patches_per_s else ""
             log.log(logging.DEBUG if interactive else logging.INFO, "%s [%d/%d] %s: %s in %.1f s%s",
@@ -409,8 +422,12 @@ def run_slides(
                     refresh=False,
                 )
     finally:
-        if summary.count("done") + summary.count("empty") + summary.count("failed") + summary.count("refused"):
-            StatusFile(out_dir / "status.csv").rebuild(records)
+        if summary.count("done") + summary.count("degraded") + summary.count("empty") + summary.count("failed") \
+                + summary.count("refused"):
+            try:
+                StatusFile(out_dir / "status.csv").rebuild(records)
+            except OSError as exc:  # e.g. the full disk that stopped the batch: keep its message
+                log.warning("status.csv not rebuilt: %s", describe_os_error(exc))
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -486,7 +503,10 @@ def _one_slide(stage, row, final: Path, fingerprint_value, work, overwrite, lock
     except PipelineError as exc:
         status = SlideStatus(sid, "failed", time.perf_counter() - t0, str(exc).splitlines()[0])
         log.warning("%s %s failed: %s", stage, sid, exc)
-    except Exception as exc:  # one bad slide never stops the batch
+    except Exception as exc:  # one bad slide never stops the batch, a full disk does
+        if workspace_problem(exc):
+            raise PipelineError(f"{stage} stopped at {sid}: {workspace_problem(exc)} ({exc}); free space and "
+                                "rerun the same command, finished slides are kept") from exc
         status = SlideStatus(sid, "failed", time.perf_counter() - t0, f"{type(exc).__name__}: {exc}".splitlines()[0])
         log.warning("%s %s failed unexpectedly: %s", stage, sid, exc)
         log.debug("%s", traceback.format_exc())

@@ -12,7 +12,7 @@ from extract.errors import ConfigError, SlideError
 
 from .config import SegmentConfig, dump_yaml, resolve_stage
 from .logging_setup import attach_run_log
-from .manifest import load_manifest, parse_shard
+from .manifest import MPP_RANGE, load_manifest, parse_shard
 from .runner import SlideOutcome, check_stage_params, run_slides
 from .workspace import Workspace, fingerprint, seg_tag
 
@@ -61,9 +61,11 @@ def segment_params_record(config: SegmentConfig) -> dict:
 
 
 def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path | None,
-                  default_mpp: float | None = None, geojson_path: Path | None = None) -> SlideOutcome:
+                  default_mpp: float | None = None, geojson_path: Path | None = None,
+                  check_mpp: bool = True) -> SlideOutcome:
     """Segment and tile one slide into ``tmp_path`` (coords HDF5); draw its preview; write its
-    tissue as GeoJSON to ``geojson_path``."""
+    tissue as GeoJSON to ``geojson_path``. ``check_mpp``: refuse a level-0 mpp outside
+    :data:`pipeline.manifest.MPP_RANGE` (a wrong value tiles millions of 1-px patches)."""
     from extract.coords_file import write_coords
     from extract.segmentation import segment_tissue, segmentation_image
     from extract.slide import Slide
@@ -75,6 +77,12 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
     with Slide(row.path, mpp=row.mpp if row.mpp is not None else default_mpp) as slide:
         if config.patch_level is None:
             slide_mpp = slide.require_mpp()
+            if check_mpp and not (MPP_RANGE[0] <= slide_mpp <= MPP_RANGE[1]):
+                raise SlideError(
+                    f"{row.slide_id}: level-0 mpp {slide_mpp:g} ({slide.mpp_source}) is outside "
+                    f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} micrometres per pixel; fix the manifest's 'mpp' or "
+                    "--slide-mpp, or pass --no-mpp-check for an unusual scanner"
+                )
             patch0 = level0_patch_px(config.patch_px, config.target_mpp, slide_mpp)
             step0 = level0_patch_px(config.step_px or config.patch_px, config.target_mpp, slide_mpp)
             patch_level, downsample = 0, 1.0
@@ -213,21 +221,28 @@ def _write_preview(slide, image, scale, tissue, coords, patch0, slide_id, path: 
                                 ink=tissue.ink_contours))
 
 
+def _check_slide_mpp(slide_mpp: float | None, check_mpp: bool) -> None:
+    if slide_mpp is not None and check_mpp and not (MPP_RANGE[0] <= slide_mpp <= MPP_RANGE[1]):
+        raise ConfigError(f"--slide-mpp {slide_mpp:g} is outside {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} micrometres per "
+                          "pixel (20x is about 0.5); pass --no-mpp-check for an unusual scanner")
+
+
 def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, shard: str | None = None,
                 overwrite: bool = False, slide_mpp: float | None = None, progress: bool = True,
-                cache=None):
+                cache=None, check_mpp: bool = True):
     """Segment every manifest slide not done yet; returns (BatchSummary, tag).
 
     ``cache``: a :class:`pipeline.slide_cache.SlideCache` to read slides from local copies.
     """
     if manifest_path is None:
         raise ConfigError("no manifest: pass --manifest CSV or set 'manifest:' in the config")
+    _check_slide_mpp(slide_mpp, check_mpp)
     for name in ("include_geojson", "exclude_geojson"):
         folder = getattr(config, name)
         if folder is not None and not Path(folder).is_dir():
             raise ConfigError(f"--{name.replace('_', '-')} {folder}: no such folder; give the folder that holds "
                               "one <slide_id>.geojson per slide (QuPath: File > Export objects as GeoJSON)")
-    manifest = load_manifest(manifest_path, require=("path",), check_files=False)
+    manifest = load_manifest(manifest_path, require=("path",), check_files=False, check_mpp=check_mpp)
     manifest = manifest.shard(*parse_shard(shard))
     ws = Workspace(workspace)
     tag = tag_for(config)
@@ -246,7 +261,7 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
             for leftover in preview.parent.glob(f".{preview.stem}.tmp*.png"):
                 leftover.unlink(missing_ok=True)
         return segment_slide(row, tmp, config, preview, default_mpp=slide_mpp,
-                             geojson_path=ws.tissue_geojson_path(tag, row.slide_id))
+                             geojson_path=ws.tissue_geojson_path(tag, row.slide_id), check_mpp=check_mpp)
 
     if cache is not None:
         work = cache.wrap(work, manifest.rows, lambda r: ws.coords_path(tag, r.slide_id), out_dir / ".locks")
@@ -257,13 +272,17 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
 
 def segment_command(args) -> int:
     inputs = resolve_stage(args, "segment", SegmentConfig, SEG_FLAGS)
+    check_mpp = not getattr(args, "no_mpp_check", False)
+    _check_slide_mpp(getattr(args, "slide_mpp", None), check_mpp)
+    if inputs.manifest is not None:  # nothing (not even the log) is written before the manifest passes
+        load_manifest(inputs.manifest, require=("path",), check_files=False, check_mpp=check_mpp)
     attach_run_log(inputs.workspace, "segment")
     from .slide_cache import cache_from_args
 
     with cache_from_args(args) as cache:
         summary, tag = run_segment(inputs.manifest, inputs.workspace, inputs.section, args.shard,
                                    bool(args.overwrite), getattr(args, "slide_mpp", None),
-                                   progress=not args.quiet, cache=cache)
+                                   progress=not args.quiet, cache=cache, check_mpp=check_mpp)
     out_dir = Workspace(inputs.workspace).segment_dir(tag)
     print(summary.table())
     print(f"coordinates: {out_dir / 'coords'}")

@@ -23,10 +23,12 @@ lock file and a fold held by a live process is left to it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
 import logging
+import sys
 import time
 import typing
 from pathlib import Path
@@ -349,8 +351,12 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
     start = time.perf_counter()
     multi_seed = len(config.seeds) > 1
     try:
-        with logging_redirect_tqdm(), cpu_threads_for(bags, resolve_device(config.device)):
-            bar = tqdm(runs, desc="train", unit="fold", disable=not progress, dynamic_ncols=True)
+        # A bar only on a terminal: redirected output gets the trainer's log lines instead, and
+        # logging_redirect_tqdm (whose handler ignores -q's level) only while a bar is shown.
+        interactive = progress and sys.stderr.isatty()
+        redirect = logging_redirect_tqdm() if interactive else contextlib.nullcontext()
+        with redirect, cpu_threads_for(bags, resolve_device(config.device)):
+            bar = tqdm(runs, desc="train", unit="fold", disable=not interactive, dynamic_ncols=True)
             for seed, k, split in bar:
                 fold_dir = ws.fold_dir(experiment, k, seed if multi_seed else None)
                 bar.set_postfix_str(f"seed {seed} fold {k}", refresh=True)
@@ -498,9 +504,13 @@ def train_command(args: argparse.Namespace) -> int:
         return 0
     flags = {name: getattr(args, name, None) for name in TRAIN_FLAGS}
     flags["seeds"] = _parse_seeds(flags["seeds"])
+    if getattr(args, "manifest", None) is not None:  # a wrong manifest is reported before torch is loaded
+        from .manifest import load_manifest
+
+        load_manifest(args.manifest, check_files=False)
     inputs, section, base = _train_inputs(args)
     config, recipe_path = resolve_train_config(section, base, flags)
-    attach_run_log(inputs.workspace, "train")
+    attach_run_log(inputs.workspace, "train", create_workspace=False)
 
     experiment = getattr(args, "experiment", None) or experiment_name(section, inputs.raw, recipe_path, config)
     features = getattr(args, "features", None)

@@ -84,3 +84,34 @@ def test_common_spreadsheet_exports_get_a_message_that_says_what_to_do(tmp_path,
 def test_a_folder_given_as_manifest_is_named_as_such(tmp_path):
     with pytest.raises(ManifestError, match="is a folder; pass the manifest CSV file inside it"):
         load_manifest(tmp_path)
+
+
+def test_a_row_with_an_extra_field_is_refused_not_shifted(tmp_path):
+    # pandas would take the first field as an index and shift every column by one
+    path = write(tmp_path, "slide_id,path,label\nA,a.svs,tumor\nB,b.svs,normal,extra\n")
+    with pytest.raises(ManifestError, match=r"line 3: 4 field\(s\) but the header has 3"):
+        load_manifest(path, require=("path", "label"))
+
+
+def test_a_duplicate_header_column_is_refused(tmp_path):
+    path = write(tmp_path, "slide_id,path,label,label\nA,a.svs,tumor,normal\n")
+    with pytest.raises(ManifestError, match="column 'label' appears twice"):
+        load_manifest(path)
+
+
+def test_labels_are_compared_as_written_with_a_warning_for_equal_numbers(tmp_path, caplog):
+    path = write(tmp_path, "slide_id,path,label\nA,a.svs,1\nB,b.svs,1.0\nC,a.svs, 1\nD,b.svs,0\n")
+    m = load_manifest(path)
+    assert [r.label for r in m] == ["1", "1.0", "1", "0"]  # surrounding spaces are not part of a label
+    assert "'1', '1.0' are different classes as written" in caplog.text
+
+
+def test_slide_id_length_and_mpp_range_are_checked_up_front(tmp_path):
+    long_id = "s" * 260
+    path = write(tmp_path, f"slide_id,path,mpp\n{long_id},a.svs,0.25\nB,b.svs,1000\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert "slide_id is 260 characters long; at most 200" in str(info.value)
+    assert "'mpp' 1000 is outside 0.05-20" in str(info.value) and "--no-mpp-check" in str(info.value)
+    path = write(tmp_path, "slide_id,path,mpp\nB,b.svs,1000\n")
+    assert load_manifest(path, check_mpp=False).rows[0].mpp == 1000.0

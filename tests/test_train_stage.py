@@ -163,7 +163,9 @@ def test_recipe_flag_and_bare_recipe_config_train_the_same_experiment(workspace,
     # the same recipe as a bare file: detected by its keys, the experiment is found finished
     recipe = Path(__file__).resolve().parents[1] / "configs" / "train" / "abmil.yaml"
     assert main(["train", "--config", str(recipe), *common]) == 0
-    assert "skipped" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "skipped" in out.out
+    assert " INFO " not in out.err  # -q: warnings and the summary only (the trainer's lines too)
     assert main(["train", "--config", str(recipe), "--recipe", "transmil", *common]) == 2
     assert "is a train recipe and --recipe transmil is another" in capsys.readouterr().err
 

@@ -1,0 +1,78 @@
+"""The CLI answers at once: listings, help and input errors load no torch (fresh processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_PROBE = """
+import runpy, sys
+sys.argv = ['wsi-pipeline'] + sys.argv[1:]
+try:
+    runpy.run_module('pipeline.cli', run_name='__main__')
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+heavy = sorted(m for m in ('torch', 'timm', 'sklearn', 'pandas') if m in sys.modules)
+print('HEAVY=' + ','.join(heavy), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=120)
+
+
+def heavy(res: subprocess.CompletedProcess) -> str:
+    return res.stderr.rsplit("HEAVY=", 1)[1].strip()
+
+
+@pytest.mark.parametrize("args, expect", [
+    (("extract", "--list-backbones"), "resnet50_trunc"),
+    (("train", "--list-models"), "transmil"),
+    (("--help",), "segment"),
+    (("train", "--help"), "--recipe"),
+])
+def test_listings_and_help_load_no_torch(args, expect):
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert expect in res.stdout
+    assert heavy(res) == "", f"{' '.join(args)} imported {heavy(res)}"
+
+
+def test_model_listing_agrees_with_the_registry():
+    from mil.model_catalog import model_summaries
+    from mil.models import list_models, model_info
+
+    assert model_summaries() == {name: model_info(name).summary for name in list_models()}
+
+
+def test_a_flag_typo_names_the_subcommands_closest_flag():
+    res = cli("train", "--epochz", "3")
+    assert res.returncode == 2
+    assert "usage: wsi-pipeline train" in res.stderr  # the subcommand's usage, not the top level's
+    assert "--epochz (did you mean --epochs?)" in res.stderr
+    assert heavy(res) == ""
+
+
+def test_manifest_errors_answer_before_torch_and_write_nothing(tmp_path):
+    manifest = tmp_path / "bad.csv"
+    manifest.write_text("slide_id,path,label\nA,a.svs,1\nB,b.svs,0,extra\n")
+    ws = tmp_path / "ws"
+    for command in ("segment", "extract", "train"):
+        res = cli(command, "--manifest", str(manifest), "--workspace", str(ws))
+        assert res.returncode == 2, (command, res.stderr)
+        assert "line 3: 4 field(s) but the header has 3" in res.stderr
+        assert heavy(res) == "", f"{command} imported {heavy(res)} before refusing the manifest"
+        assert not ws.exists(), f"{command} wrote {list(ws.rglob('*'))} before the manifest passed"
+    res = cli("evaluate", "--workspace", str(ws), "--experiment", "nope")
+    assert res.returncode == 2 and "no such experiment" in res.stderr and not ws.exists()

@@ -40,6 +40,7 @@ __all__ = [
     "load_preset",
     "segment_tissue",
     "segmentation_image",
+    "segment_mask",
     "tissue_mask",
     "REF_PATCH_PX",
     "CLAM_MAX_LEVEL_PX",
@@ -255,6 +256,8 @@ class Tissue:
 
     def describe_empty(self) -> str:
         """Why no tissue was kept, in words a user can act on."""
+        if self.n_raw_contours == 0 and self.threshold < 0:
+            return "no tissue found: the tissue model labelled no pixel as tissue"
         if self.n_raw_contours == 0:
             return (
                 f"no tissue found: no pixel has saturation > {self.threshold:g} after the median blur; "
@@ -312,6 +315,40 @@ def segment_tissue(
         threshold, mask = cv2.threshold(blurred, params.sthresh, 255, cv2.THRESH_BINARY)
     if params.close > 0:
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((params.close, params.close), np.uint8))
+    return _tissue_from_mask(mask, float(threshold), image, params, sx, sy)
+
+
+def segment_mask(mask: np.ndarray, params: SegmentParams | None = None, scale: tuple[float, float] = (1.0, 1.0),
+                 rgb: np.ndarray | None = None) -> Tissue:
+    """Contours and holes of a tissue mask made elsewhere (a deep model), with CLAM's filters.
+
+    Parameters
+    ----------
+    mask : bool or uint8 ndarray ``[h, w]`` (nonzero = tissue)
+    params : SegmentParams, optional
+        Only the area/hole filters (``a_t``, ``a_h``, ``max_n_holes``) and ink removal apply.
+    scale : (float, float)
+        Level-0 pixels per mask pixel.
+    rgb : uint8 ndarray ``[h, w, 3]``, optional
+        The image the mask was made from; needed for ``remove_ink``.
+    """
+    params = params or SegmentParams()
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ConfigError(f"The 'mask' parameter of segment_mask must be a 2-d array. Got shape {m.shape} instead.")
+    if params.remove_ink and (rgb is None or np.asarray(rgb).shape[:2] != m.shape):
+        raise ConfigError("segment_mask: remove_ink needs the RGB image the mask was made from (same size)")
+    image = np.zeros(m.shape + (3,), np.uint8) if rgb is None else np.ascontiguousarray(np.asarray(rgb)[..., :3])
+    return _tissue_from_mask(np.where(m > 0, 255, 0).astype(np.uint8), -1.0, image, params,
+                             float(scale[0]), float(scale[1]))
+
+
+def _tissue_from_mask(mask: np.ndarray, threshold: float, image: np.ndarray, params: SegmentParams,
+                      sx: float, sy: float) -> Tissue:
+    """CLAM's steps 5-6 (and ink removal) on a binary uint8 mask (0/255) of the segmentation image."""
+    import cv2
+
+    h, w = mask.shape[:2]
     ink = _remove_ink(image, mask, params) if params.remove_ink else None
 
     # CLAM truncates the reference-patch area to whole pixels before multiplying.

@@ -227,6 +227,7 @@ def load_bags(
     features_dir: str | Path,
     slide_ids: Sequence[str],
     allow_missing: bool = False,
+    qc_filter=None,
 ) -> BagSet:
     """Read the bags of ``slide_ids`` once into host memory.
 
@@ -236,6 +237,9 @@ def load_bags(
     slide_ids : slides to load, in order.
     allow_missing : skip slides without a bag or with an empty bag (warning listing them)
         instead of raising.
+    qc_filter : :class:`extract.patch_qc.QCFilter` or its text (``'focus>=50,background<=0.5'``),
+        optional: keep only the patches passing it (bags extracted with ``--qc``); a bag left
+        with no patch counts as empty.
 
     Raises
     ------
@@ -244,7 +248,11 @@ def load_bags(
         or non-finite bag (unless ``allow_missing``; unreadable and non-finite bags always raise).
     """
     from extract.bags import read_bag
+    from extract.patch_qc import QCFilter, read_qc
 
+    if qc_filter is not None and not isinstance(qc_filter, QCFilter):
+        qc_filter = QCFilter.parse(qc_filter)
+    qc_dropped = 0
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         raise BagError(
@@ -268,6 +276,16 @@ def load_bags(
             broken.append(f"{sid} ({exc})")
             continue
         x = bag.features
+        bag_coords = getattr(bag, "coords", None)
+        if qc_filter:
+            try:
+                keep = qc_filter.keep(read_qc(path, qc_filter.columns))
+            except (BagError, OSError) as exc:
+                broken.append(f"{sid} ({str(exc).splitlines()[0]})")
+                continue
+            qc_dropped += int((~keep).sum())
+            x = np.asarray(x)[keep]
+            bag_coords = None if bag_coords is None else np.asarray(bag_coords)[keep]
         x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
         if x.ndim != 2:
             broken.append(f"{sid} (features of shape {tuple(x.shape)}, expected [N, D])")
@@ -281,8 +299,8 @@ def load_bags(
             broken.append(f"{sid} (non-finite feature values)")
             continue
         features[sid] = x
-        if getattr(bag, "coords", None) is not None:
-            coords[sid] = np.asarray(bag.coords)
+        if bag_coords is not None:
+            coords[sid] = np.asarray(bag_coords)
 
     if broken:
         raise BagError(
@@ -312,6 +330,8 @@ def load_bags(
     if not features:
         raise BagError(f"no usable bag in {features_dir} for the {len(slide_ids)} slide(s) asked for")
     bags = BagSet(features, coords)
+    if qc_filter:
+        log.info("patch QC %s dropped %d patch(es) across %d bag(s)", qc_filter, qc_dropped, len(bags))
     seconds = time.perf_counter() - start
     log.info("read %d bags (%.2f GiB as stored, %d instances) from %s in %.1f s", len(bags),
              sum(t.numel() * t.element_size() for t in features.values()) / 2**30,

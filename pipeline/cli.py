@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove ink and pen marks from the tissue (on in the biopsy_ink preset)")
     g.add_argument("--keep-ink", dest="remove_ink", action="store_false", default=None, help="turn a preset's ink removal off")
     g.add_argument("--ink-colours", help="marker colours to remove (default blue,green,black,red)")
+    g.add_argument("--segmenter", choices=["clam", "grandqc", "hest"],
+                   help="clam (saturation threshold, default) or a deep tissue model run from --weights")
+    g.add_argument("--weights", help="local weights of the deep segmenter (GrandQC Tissue_Detection_MPP10.pth, "
+                                     "HEST deeplabv3_seg_v4.ckpt); nothing is downloaded")
+    g.add_argument("--seg-device", help="device of the deep segmenter: auto | cpu | cuda | cuda:N")
     g.add_argument("--include-geojson", help="folder of <slide_id>.geojson (QuPath): tile only inside these polygons")
     g.add_argument("--exclude-geojson", help="folder of <slide_id>.geojson (QuPath): drop patches inside these polygons")
     g = p.add_argument_group("tiling")
@@ -91,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of a slide's patches that may be unreadable at full resolution (default 0.05)")
     g.add_argument("--reread-action", choices=["degraded", "failed"],
                    help="a slide over --max-reread: keep its bag flagged 'degraded' (default) or fail it")
+    g.add_argument("--qc", help="patch QC stored in the bag: any of blur,background,ink (filter later with --qc-filter)")
     g.add_argument("--list-backbones", action="store_true", help="print the registered backbones and exit")
 
     p = sub.add_parser("train", help="train MIL models (baselines and MHIM-MIL) with cross-validation")
@@ -105,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--resume", action="store_true", default=None, help="continue a killed run")
     g.add_argument("--allow-missing", action="store_true", default=None, help="skip manifest slides without a bag")
+    g.add_argument("--qc-filter", help="keep only patches passing patch-QC rules, e.g. 'focus>=50,background<=0.5' "
+                                       "(bags extracted with --qc; evaluate applies the same rules)")
     g.add_argument("--list-models", action="store_true", help="print the registered MIL students and exit")
 
     p = sub.add_parser("evaluate", help="metrics, per-slide predictions and attention heatmaps")

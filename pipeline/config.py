@@ -142,6 +142,9 @@ class SegmentConfig:
     ink_colours: str | None = None
     include_geojson: str | None = None  # folder of <slide_id>.geojson: only patches inside these polygons
     exclude_geojson: str | None = None  # folder of <slide_id>.geojson: patches inside these polygons dropped
+    segmenter: str = "clam"  # clam | grandqc | hest (deep models need weights: a local file)
+    weights: str | None = None
+    seg_device: str = "auto"
     target_mpp: float = 0.5
     patch_px: int = 256
     patch_level: int | None = None  # set = CLAM mode: tile at a pyramid level, no mpp needed
@@ -159,6 +162,8 @@ class SegmentConfig:
             raise ConfigError(f"The 'target_mpp' parameter must be > 0 micrometres. Got {self.target_mpp} instead.")
         if self.patch_level is not None and self.patch_level < 0:
             raise ConfigError(f"The 'patch_level' parameter must be >= 0. Got {self.patch_level} instead.")
+        if self.segmenter not in ("clam", "grandqc", "hest"):
+            raise ConfigError(f"The 'segmenter' parameter must be clam, grandqc or hest. Got {self.segmenter!r} instead.")
         if self.contour_fn not in ("four_pt", "four_pt_hard", "center", "basic"):
             raise ConfigError(
                 "The 'contour_fn' parameter must be one of four_pt, four_pt_hard, center, basic. "
@@ -185,6 +190,7 @@ class ExtractConfig:
     # coarser level or dropped) is 'degraded' (bag kept, flagged in status.csv) or 'failed'.
     max_reread: float = 0.05
     reread_action: str = "degraded"
+    qc: str | None = None  # patch QC stored in the bag: "blur,background,ink" (extract/patch_qc.py)
 
     def __post_init__(self):
         if not 0 <= self.max_reread <= 1:
@@ -202,6 +208,10 @@ class ExtractConfig:
             raise ConfigError(f"The 'num_workers' parameter must be >= 0. Got {self.num_workers} instead.")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"The 'precision' parameter must be auto, bf16, fp16 or fp32. Got {self.precision!r} instead.")
+        if self.qc is not None:
+            from extract.patch_qc import parse_qc
+
+            parse_qc(self.qc)
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"The 'dtype' parameter must be float16 or float32. Got {self.dtype!r} instead.")
 

@@ -824,13 +824,28 @@ def _heatmaps(ws: Workspace, out_dir: Path, chosen: list[dict], features_dir: Pa
     return written
 
 
-def _geojson(ws: Workspace, out_dir: Path, rows: pd.DataFrame, instance: dict, bags, features_dir: Path) -> None:
-    """Patch tiles with per-fold instance scores and the slide predictions, for QuPath."""
+def _geojson(ws: Workspace, out_dir: Path, rows: pd.DataFrame, instance: dict, bags, features_dir: Path,
+             spans=None) -> None:
+    """Patch tiles with per-fold instance scores and the slide predictions, for QuPath; with
+    case bags (``spans``), one file per slide of each case holding that slide's rows."""
     from mil.data import find_bag
 
     from .prediction_geojson import write_prediction_geojson
 
-    write_prediction_geojson(out_dir / "geojson", rows, instance, bags.coords,
+    coords_of = bags.coords
+    if spans is not None:
+        coords, per_slide, slide_rows = {}, {}, []
+        for r in rows.to_dict("records"):
+            case_coords = bags.coords(r["slide_id"])
+            for sp in (s for s in spans if s.case_id == r["slide_id"]):
+                slide_rows.append({**r, "slide_id": sp.slide_id})
+                if case_coords is not None:
+                    coords[sp.slide_id] = np.asarray(case_coords)[sp.start:sp.stop]
+                for (seed, fold, case), scores in instance.items():
+                    if case == r["slide_id"]:
+                        per_slide[(seed, fold, sp.slide_id)] = np.asarray(scores)[sp.start:sp.stop]
+        rows, instance, coords_of = pd.DataFrame(slide_rows), per_slide, coords.get
+    write_prediction_geojson(out_dir / "geojson", rows, instance, coords_of,
                              lambda sid, c: _patch_size_level0(ws, features_dir, sid, find_bag(features_dir, sid), c))
 
 
@@ -965,13 +980,15 @@ def run_evaluation(
 
     # 1. each fold model on its own validation and test slides
     need = sorted({s for u in exp.units for s in (u.test + ([] if protocol == "paper" else u.val))})
+    qc_filter = exp.config.get("qc_filter")  # the patches training saw
     if by_case:
         from mil.cases import case_bags
 
-        slide_bags = load_bags(own_features, [s for c in need for s in members.get(c, [])], allow_missing=True)
+        slide_bags = load_bags(own_features, [s for c in need for s in members.get(c, [])], allow_missing=True,
+                               qc_filter=qc_filter)
         bags, spans = case_bags(slide_bags, {c: members[c] for c in need if c in members})
     else:
-        bags = load_bags(own_features, need, allow_missing=True)
+        bags = load_bags(own_features, need, allow_missing=True, qc_filter=qc_filter)
     missing = [s for s in need if s not in bags]
     if missing:
         log.warning("%d slide(s) of the splits have no bag and are left out: %s", len(missing), ", ".join(missing[:20]))
@@ -1008,7 +1025,8 @@ def run_evaluation(
         _figures(out_dir, metrics, pred, classes, title)
         _write_run_config(out_dir, _run_record(experiment, protocol, n_heat, own_manifest_path,
                                                      own_features, device, n_boot, gallery_k, cmap, threshold))
-        _geojson(ws, out_dir, pred[pred["split"] == "test"], instance, bags, own_features)
+        _geojson(ws, out_dir, pred[pred["split"] == "test"], instance, bags, own_features,
+                 spans if by_case else None)
         if n_heat != 0:
             test = _first_seed(pred[pred["split"] == "test"]).to_dict("records")
             test.sort(key=lambda r: -_order_key(r, task, classes))
@@ -1034,7 +1052,7 @@ def run_evaluation(
     has_truth = ("time" in ext_manifest.columns and "event" in ext_manifest.columns) if task == "survival" \
         else "label" in ext_manifest.columns
     ext_truth = _truth(ext_manifest, task, classes, require=False) if has_truth else {}
-    ext_bags = load_bags(features_dir, ext_manifest.slide_ids, allow_missing=True)
+    ext_bags = load_bags(features_dir, ext_manifest.slide_ids, allow_missing=True, qc_filter=qc_filter)
     ext_missing = [s for s in ext_manifest.slide_ids if s not in ext_bags]
     ext_records: list[dict] = []
     ext_instance: dict[str, list[np.ndarray]] = {}

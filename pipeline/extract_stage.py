@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 EXTRACT_FLAGS = ("max_reread", "reread_action", "backbone", "backbone_kw", "weights", "batch_size", "num_workers", "device", "precision",
-                 "dtype", "compile", "seg_tag", "export_pt")
+                 "dtype", "compile", "seg_tag", "export_pt", "qc")
 
 
 def backbone_tag(backbone: str, weights_id: str) -> str:
@@ -157,6 +157,7 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
     """
     from extract.bags import write_bag
     from extract.coords_file import read_coords
+    from extract.patch_qc import parse_qc, patch_qc, write_qc
     from extract.patch_reader import iter_patch_batches
 
     several = isinstance(extractor, (list, tuple))
@@ -171,12 +172,15 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
     coords, cattrs = read_coords(coords_path)
     attrs = [_bag_attrs(ex, cattrs) for ex in extractors]
     n = len(coords)
+    qc_kinds = parse_qc(config.qc)
     if n == 0:
         for ex, a, tmp in zip(extractors, attrs, tmp_paths):
             a["dropped_patches"] = 0
             write_bag(tmp, np.zeros((0, ex.config.feature_dim), np.float32), coords, a, dtype=config.dtype)
+            write_qc(tmp, {name: np.zeros(0, np.float32) for name in patch_qc(np.zeros((0, 1, 1, 3), np.uint8), qc_kinds)})
         outcomes = [SlideOutcome("empty", "no patches in the coordinates file", patches=0) for _ in extractors]
         return outcomes if several else outcomes[0]
+    qc = {}
 
     patch0 = int(cattrs["patch_size_level0"])
     out_px = int(cattrs.get("patch_px", 0)) or min(patch0, max([ex.config.input_size for ex in extractors] + [224]))
@@ -205,6 +209,9 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
             except StopIteration:
                 break
             t_read += time.perf_counter() - t0
+            if qc_kinds:  # on the uint8 batch already in host memory: no second read
+                for name, values in patch_qc(patches, qc_kinds).items():
+                    qc.setdefault(name, np.zeros(n, np.float32))[indices] = values
             if shared_device and device.type != "cpu":
                 patches = torch.as_tensor(patches).to(device, non_blocking=True)  # one transfer for all
             rows = torch.as_tensor(indices)
@@ -227,6 +234,7 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
         a["dropped_patches"] = int((~keep).sum())
         a["retried_patches"] = int(len(report.retried))
         write_bag(tmp, features[k][keep], coords[keep], a, dtype=config.dtype)
+        write_qc(tmp, {name: values[keep] for name, values in qc.items()})
         message = f"read {t_read:.1f} s, model {t_model[k]:.1f} s"
         if len(extractors) > 1:
             message += f" (one read pass for {len(extractors)} encoders)"
@@ -365,6 +373,10 @@ def run_extract_all(manifest_path: Path, workspace: Path, config: ExtractConfig,
                   "dtype": cfg.dtype, "segmentation": seg_params, "format_version": FORMAT_VERSION}
         if cfg.backbone_kw:
             record["backbone_kw"] = cfg.backbone_kw
+        if cfg.qc:
+            from extract.patch_qc import parse_qc
+
+            record["qc"] = sorted(parse_qc(cfg.qc))
         if bb.preprocessing() != _legacy_preprocessing(bb):
             record["preprocessing"] = bb.preprocessing()
         digest = fingerprint(record)

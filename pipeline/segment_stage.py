@@ -19,7 +19,7 @@ from .workspace import Workspace, fingerprint, seg_tag
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SEG_FLAGS = ("preset", "sthresh", "mthresh", "close", "use_otsu", "a_t", "a_h", "max_n_holes", "remove_ink", "ink_colours", "include_geojson", "exclude_geojson",
+SEG_FLAGS = ("preset", "sthresh", "mthresh", "close", "use_otsu", "a_t", "a_h", "max_n_holes", "remove_ink", "ink_colours", "include_geojson", "exclude_geojson", "segmenter", "weights", "seg_device",
              "target_mpp", "patch_px", "patch_level", "step_px", "contour_fn", "use_padding",
              "seg_downsample", "tag", "previews")
 
@@ -35,8 +35,8 @@ def segmentation_params(config: SegmentConfig):
 
 
 def tag_for(config: SegmentConfig) -> str:
-    return config.tag or seg_tag(config.target_mpp, config.patch_px, config.patch_level,
-                                 config.step_px, config.preset)
+    return config.tag or seg_tag(config.target_mpp, config.patch_px, config.patch_level, config.step_px,
+                                 config.preset if config.segmenter == "clam" else config.segmenter)
 
 
 def segment_params_record(config: SegmentConfig) -> dict:
@@ -51,6 +51,11 @@ def segment_params_record(config: SegmentConfig) -> dict:
     if not record["segmentation"]["remove_ink"]:
         for key in ("remove_ink", "ink_colours"):
             record["segmentation"].pop(key)
+    segmenter = {"name": record.pop("segmenter"), "weights": record.pop("weights")}
+    record.pop("seg_device")
+    if segmenter["name"] != "clam":  # the model and its weights' digest make the coordinates
+        segmenter["weights_sha256"] = _sha256(segmenter["weights"])
+        record["segmenter"] = segmenter
     for key in ("include_geojson", "exclude_geojson"):
         if record[key] is None:
             record.pop(key)
@@ -60,9 +65,21 @@ def segment_params_record(config: SegmentConfig) -> dict:
     return record
 
 
+def _sha256(path) -> str | None:
+    import hashlib
+
+    if path is None or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path | None,
                   default_mpp: float | None = None, geojson_path: Path | None = None,
-                  check_mpp: bool = True) -> SlideOutcome:
+                  check_mpp: bool = True, deep=None) -> SlideOutcome:
     """Segment and tile one slide into ``tmp_path`` (coords HDF5); draw its preview; write its
     tissue as GeoJSON to ``geojson_path``. ``check_mpp``: refuse a level-0 mpp outside
     :data:`pipeline.manifest.MPP_RANGE` (a wrong value tiles millions of 1-px patches)."""
@@ -100,8 +117,11 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
             step0 = int(round((config.step_px or config.patch_px) * downsample))
             attr_patch = config.patch_px
 
-        image, scale = segmentation_image(slide, mode="clam", downsample=config.seg_downsample)
-        tissue = segment_tissue(image, params, scale)
+        if deep is None:
+            image, scale = segmentation_image(slide, mode="clam", downsample=config.seg_downsample)
+            tissue = segment_tissue(image, params, scale)
+        else:
+            image, scale, tissue = _deep_tissue(slide, deep, params)
         coords = tile_tissue(tissue, patch0, slide.dimensions, contour_fn=config.contour_fn,
                              step_px=step0, use_padding=config.use_padding)
         coords, region_text = _apply_annotations(coords, patch0, config, row.slide_id)
@@ -198,6 +218,16 @@ def _ink_report(tissue, slide_mpp) -> tuple[str, dict]:
     return text, extra
 
 
+def _deep_tissue(slide, deep, params):
+    """The thumbnail at the model's resolution, its tissue mask, and contours by CLAM's filters."""
+    from extract.segmentation import segment_mask
+
+    slide_mpp = slide.require_mpp()
+    # The model's native resolution; a slide coarser than that is used at level 0 as it is.
+    image, scale = slide.thumbnail(max(1.0, deep.spec.mpp / slide_mpp))
+    return image, scale, segment_mask(deep.predict(image), params, scale, rgb=image)
+
+
 def _why_empty(tissue, patch0: int, slide_wh: tuple[int, int] | None = None) -> str:
     small = ""
     if slide_wh is not None and min(slide_wh) < patch0:
@@ -244,6 +274,16 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
                               "one <slide_id>.geojson per slide (QuPath: File > Export objects as GeoJSON)")
     manifest = load_manifest(manifest_path, require=("path",), check_files=False, check_mpp=check_mpp)
     manifest = manifest.shard(*parse_shard(shard))
+    deep = None
+    if config.segmenter != "clam":  # loaded once, before any slide: a missing file is one line now
+        from extract.deep_tissue import load_segmenter
+
+        from .extract_stage import select_device
+
+        deep = load_segmenter(config.segmenter, config.weights, select_device(config.seg_device))
+        log.info("tissue from the %s model (%s) on %s at %g um/px", config.segmenter, config.weights,
+                 deep.device, deep.spec.mpp)
+
     ws = Workspace(workspace)
     tag = tag_for(config)
     out_dir = ws.segment_dir(tag)
@@ -261,7 +301,7 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
             for leftover in preview.parent.glob(f".{preview.stem}.tmp*.png"):
                 leftover.unlink(missing_ok=True)
         return segment_slide(row, tmp, config, preview, default_mpp=slide_mpp,
-                             geojson_path=ws.tissue_geojson_path(tag, row.slide_id), check_mpp=check_mpp)
+                             geojson_path=ws.tissue_geojson_path(tag, row.slide_id), check_mpp=check_mpp, deep=deep)
 
     if cache is not None:
         work = cache.wrap(work, manifest.rows, lambda r: ws.coords_path(tag, r.slide_id), out_dir / ".locks")

@@ -48,7 +48,7 @@ __all__ = ["train_command", "run_training", "resolve_train_config", "find_featur
 #: Command-line flags that override TrainConfig fields.
 TRAIN_FLAGS = ("folds", "seeds", "epochs", "device")
 #: Keys of the YAML ``train:`` section that are not TrainConfig fields.
-_STAGE_KEYS = ("recipe", "experiment", "features", "allow_missing")
+_STAGE_KEYS = ("recipe", "experiment", "features", "allow_missing", "qc_filter")
 #: TrainConfig fields that may differ between runs of one experiment.
 _RUNTIME_FIELDS = ("device",)
 
@@ -63,6 +63,7 @@ def _section_class():
         ("experiment", typing.Optional[str], dataclasses.field(default=None)),
         ("features", typing.Optional[str], dataclasses.field(default=None)),
         ("allow_missing", typing.Optional[bool], dataclasses.field(default=None)),
+        ("qc_filter", typing.Optional[str], dataclasses.field(default=None)),
     ]
     for f in dataclasses.fields(TrainConfig):
         specs.append((f.name, typing.Optional[hints[f.name]], dataclasses.field(default=None)))
@@ -181,7 +182,7 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _record_experiment(exp_dir: Path, name: str, manifest_path: Path, features_dir: Path, config,
-                       targets, split_rows: list[dict]) -> None:
+                       targets, split_rows: list[dict], qc_filter: str | None = None) -> None:
     """Write (or check against) config.yaml, labels.json and splits.csv."""
     import yaml
 
@@ -197,6 +198,8 @@ def _record_experiment(exp_dir: Path, name: str, manifest_path: Path, features_d
         # the features' identity is <backbone_tag>/<seg_tag>; the workspace itself may have moved
         if Path(str(old.get("features"))).parts[-2:] != features_dir.parts[-2:]:
             problems.append(f"features: {old.get('features')} -> {features_dir}")
+        if old.get("qc_filter") != qc_filter:
+            problems.append(f"qc_filter: {old.get('qc_filter')} -> {qc_filter}")
         if problems:
             raise ConfigError(
                 f"experiment {name!r} ({exp_dir}) was trained with other settings: "
@@ -207,6 +210,8 @@ def _record_experiment(exp_dir: Path, name: str, manifest_path: Path, features_d
         "experiment": name, "manifest": str(manifest_path), "features": str(features_dir),
         "train": train, "software": software_versions(), "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if qc_filter:  # evaluate drops the same patches
+        record["qc_filter"] = qc_filter
 
     labels = targets.to_dict()
     labels_path = exp_dir / "labels.json"
@@ -285,7 +290,7 @@ def _summary_table(outcomes: Sequence[RunOutcome], seconds: float) -> str:
 
 
 def _train_experiment(manifest_path, workspace, features_dir, config, experiment, resume,
-                      allow_missing=False, progress=True, on_epoch_end=None):
+                      allow_missing=False, progress=True, on_epoch_end=None, qc_filter=None):
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -305,7 +310,11 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
     features_dir = Path(features_dir).resolve() if features_dir is not None else find_features_dir(ws)
     exp_dir = ws.experiment_dir(experiment)
 
-    bags = load_bags(features_dir, manifest.slide_ids, allow_missing=bool(allow_missing))
+    if qc_filter:
+        from extract.patch_qc import QCFilter
+
+        qc_filter = str(QCFilter.parse(qc_filter)) or None
+    bags = load_bags(features_dir, manifest.slide_ids, allow_missing=bool(allow_missing), qc_filter=qc_filter)
     rows = [r for r in manifest.rows if r.slide_id in bags]
     spans = None
     if config.bag == "case":  # one bag per case: from here on a "slide id" is a case id
@@ -328,7 +337,7 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
             runs.append((seed, k, split))
             for part in ("train", "val", "test"):
                 split_rows += [{"slide_id": s, "seed": seed, "fold": k, "split": part} for s in split[part]]
-    _record_experiment(exp_dir, experiment, manifest_path, features_dir, config, targets, split_rows)
+    _record_experiment(exp_dir, experiment, manifest_path, features_dir, config, targets, split_rows, qc_filter)
     if spans is not None:
         from mil.cases import spans_table
 
@@ -408,7 +417,7 @@ def _write_summary(path: Path, outcomes: Sequence[RunOutcome]) -> None:
 
 
 def run_training(manifest_path, workspace, features_dir, train_config, experiment: str, resume: bool = False,
-                 allow_missing: bool = False, progress: bool = True) -> Path:
+                 allow_missing: bool = False, progress: bool = True, qc_filter: str | None = None) -> Path:
     """Train every seed and fold of an experiment; returns its folder.
 
     Parameters
@@ -419,6 +428,7 @@ def run_training(manifest_path, workspace, features_dir, train_config, experimen
     train_config : :class:`mil.trainer.TrainConfig`.
     experiment : name of the folder under ``<ws>/experiments``.
     resume : continue unfinished folds (finished ones are always skipped).
+    qc_filter : patch QC rules (``'focus>=50,background<=0.5'``); evaluate reuses them.
 
     Raises
     ------
@@ -426,7 +436,7 @@ def run_training(manifest_path, workspace, features_dir, train_config, experimen
         After trying every fold, when some failed (listed) or are held by another process.
     """
     exp_dir, outcomes, seconds = _train_experiment(manifest_path, workspace, features_dir, train_config,
-                                                   experiment, resume, allow_missing, progress)
+                                                   experiment, resume, allow_missing, progress, qc_filter=qc_filter)
     log.info("\n%s", _summary_table(outcomes, seconds))
     bad = [o for o in outcomes if o.status in ("failed", "locked")]
     if bad:
@@ -524,9 +534,10 @@ def train_command(args: argparse.Namespace) -> int:
         log.warning("--shard is ignored by train: run one process per GPU on the same experiment instead "
                     "(folds are claimed with lock files)")
 
+    qc_filter = getattr(args, "qc_filter", None) or section.get("qc_filter")
     exp_dir, outcomes, seconds = _train_experiment(
         inputs.manifest, inputs.workspace, features, config, experiment, bool(getattr(args, "resume", False)),
-        allow_missing, progress=not getattr(args, "quiet", False))
+        allow_missing, progress=not getattr(args, "quiet", False), qc_filter=qc_filter)
     print(_summary_table(outcomes, seconds))
     print(f"experiment folder: {exp_dir}")
     return 1 if any(o.status in ("failed", "locked") for o in outcomes) else 0

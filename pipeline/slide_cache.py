@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -96,6 +97,10 @@ class SlideCache:
             st = os.stat(src)
         except OSError:
             return False  # the stage reports the missing slide itself
+        # Only regular files: copying a FIFO or device would block the prefetch thread forever;
+        # left in place, the stage refuses it with its own one-line error.
+        if not stat.S_ISREG(st.st_mode):
+            return False
         return st.st_dev != self._device and st.st_size <= self.max_bytes
 
     def _fresh(self, src: Path, dst: Path) -> bool:

@@ -111,3 +111,17 @@ def test_a_changed_source_is_copied_again(tmp_path, other_fs, cohort):
         assert cache.copied == 2 and local.stat().st_mtime_ns == src.stat().st_mtime_ns
     finally:
         cache.close()
+
+
+def test_a_fifo_on_network_storage_is_never_copied(other_fs, tmp_path):
+    """A named pipe posing as a slide must not block the prefetch thread (the stage rejects it)."""
+    other_fs.mkdir(parents=True)
+    fifo = other_fs / "stuck.svs"
+    os.mkfifo(fifo)
+    cache = SlideCache(tmp_path / "cache", max_gb=1)
+    try:
+        assert not cache.wants(fifo)
+        cache.prefetch([fifo])
+        assert cache.acquire(fifo) == fifo and not list((tmp_path / "cache").iterdir())
+    finally:
+        cache.close()

@@ -9,7 +9,7 @@ blue ink smear) as a 2-level pyramidal SVS, segments it at level 1 (1400 x 250 p
 removal), and measures against a reference drawn independently of the colour rules: the pixels
 bluer than red (B > R) and saturated (S > 20) inside the smear's bounding box, at full
 resolution, then downsampled by area (majority) to the segmentation level. "Tissue elsewhere" is
-the kept tissue more than 12 segmentation pixels away from that reference. tests/test_ink.py
+the kept tissue more than 12 segmentation pixels away from that reference. tests/extract/test_ink.py
 asserts the same numbers within bounds.
 """
 

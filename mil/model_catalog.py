@@ -4,7 +4,7 @@
 importing torch (seconds on a loaded CPU). This reads the same facts the registry records
 (:func:`mil.models.register_model`: the builder's name, its docstring's first line or else the
 model class's) from the ``@register_model`` builders in ``mil/models/*.py`` with :mod:`ast`.
-``tests/test_cli_fast.py`` checks that it agrees with the registry itself.
+``tests/pipeline/test_cli_fast.py`` checks that it agrees with the registry itself.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from extract.bags import read_bag
 from extract.synthetic import make_cohort
 from pipeline.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def status(folder: Path) -> dict:

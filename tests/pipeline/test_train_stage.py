@@ -161,7 +161,7 @@ def test_recipe_flag_and_bare_recipe_config_train_the_same_experiment(workspace,
               "--device", "cpu", "-q", "--experiment", "recipe_forms"]
     assert main(["train", "--recipe", "abmil", *common]) == 0
     # the same recipe as a bare file: detected by its keys, the experiment is found finished
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "train" / "abmil.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "train" / "abmil.yaml"
     assert main(["train", "--config", str(recipe), *common]) == 0
     out = capsys.readouterr()
     assert "skipped" in out.out

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 FAKE_SBATCH = """#!/bin/sh
 # Records the script it is given and answers like sbatch.

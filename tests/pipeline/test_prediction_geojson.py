@@ -9,7 +9,7 @@ import pandas as pd
 
 from extract.bags import read_bag
 from extract.geojson import validate_feature_collection
-from tests.test_evaluate import PATCH0, _write_cohort, binary_experiment  # noqa: F401 (fixture)
+from tests.pipeline.test_evaluate import PATCH0, _write_cohort, binary_experiment  # noqa: F401 (fixture)
 
 
 def test_evaluate_exports_tiles_with_fold_scores_and_the_slide_prediction(binary_experiment):

@@ -81,7 +81,7 @@ def test_training_drops_patches_by_qc_and_evaluate_reuses_the_rules(tmp_path):
     from mil.trainer import TrainConfig
     from pipeline.evaluate_stage import run_evaluation
     from pipeline.train_stage import run_training
-    from tests.test_evaluate import _write_cohort
+    from tests.pipeline.test_evaluate import _write_cohort
 
     ws = tmp_path / "ws"
     features = ws / "features" / "test_backbone" / "mpp0.50_64px"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mil.trainer import load_student, predict_bags
-from test_evaluate import _write_cohort
+from tests.pipeline.test_evaluate import _write_cohort
 
 
 def test_teacher_is_scored_next_to_the_student(tmp_path):

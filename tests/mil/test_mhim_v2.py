@@ -31,7 +31,7 @@ V2_RECIPES = {
     "mhimv2_abmil_survival": ("abmil", "survival"),
     "mhimv2_transmil_survival": ("transmil", "survival"),
 }
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
 #: Small AB-MIL for the CPU tests (the recipes keep the paper's 512-d embedding).
 SMALL_ABMIL = {"embed_dim": 64, "attn_dim": 32}
 

@@ -13,7 +13,7 @@ from extract.errors import ConfigError
 from mil.cases import case_bags, expand_to_slides, group_cases, split_by_slide, survival_strata
 from mil.data import BagSet
 from pipeline.manifest import SlideRow
-from test_evaluate import DIM, _write_cohort
+from tests.pipeline.test_evaluate import DIM, _write_cohort
 
 
 def _rows(spec):

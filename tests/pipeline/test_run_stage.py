@@ -14,7 +14,7 @@ import pytest
 from extract.synthetic import make_cohort
 from pipeline.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_config(tmp: Path, manifest: Path) -> Path:

@@ -14,7 +14,7 @@ from extract.encoder_weights import load_strict
 from extract.encoders import ctranspath_to_timm, hf_vit_to_timm
 from extract.errors import CheckpointError, ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # docs/ENCODERS.md (shared docs): parameters as published there, and the precision they are given in.
 DOCUMENTED_PARAMS = {

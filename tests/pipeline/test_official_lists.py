@@ -16,7 +16,7 @@ from mil.data import make_splits
 from pipeline.manifest import load_manifest
 from pipeline.official_lists import convert_official, read_official_labels, write_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _c16_list(path: Path, n: int = 30) -> Path:

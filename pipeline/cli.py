@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--experiment", help="experiment to evaluate")
     g.add_argument("--features", type=Path, help="bags of an external test set (with --manifest)")
     g.add_argument("--heatmaps", help="number of slides to draw heatmaps for, or 'all'")
+    g.add_argument("--heatmap-mode", choices=["absolute", "rank"],
+                   help="absolute (default: bag probability x relative attention, one colour range for "
+                        "every slide) or rank (percentile within each slide)")
     g.add_argument("--protocol", choices=["default", "paper"],
                    help="'paper' = validation is the test fold (optimistic; for comparison only)")
     g.add_argument("--threshold", choices=["auto", "youden", "argmax"],

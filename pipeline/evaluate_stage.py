@@ -83,12 +83,18 @@ class EvaluateConfig:
     device: str = "auto"
     n_boot: int = 1000
     gallery_k: int = 8
-    cmap: str = "jet"
+    cmap: str = "viridis"
     threshold: str = "auto"  # binary decision rule: auto | youden | argmax (mil.evaluation)
+    heatmap_mode: str = "absolute"  # absolute | rank (pipeline.heatmaps)
 
     def __post_init__(self):
         from mil.evaluation import THRESHOLD_RULES
 
+        from .heatmaps import MODES
+
+        if self.heatmap_mode not in MODES:
+            raise ConfigError(f"The 'heatmap_mode' parameter must be one of {', '.join(MODES)}. "
+                              f"Got {self.heatmap_mode!r} instead.")
         if self.threshold not in THRESHOLD_RULES:
             raise ConfigError(f"The 'threshold' parameter must be one of {', '.join(THRESHOLD_RULES)}. "
                               f"Got {self.threshold!r} instead.")
@@ -584,7 +590,7 @@ def _checkpoint_meta(path: Path) -> dict:
 
     ckpt = read_checkpoint(path)
     return {k: ckpt.get(k) for k in ("task", "n_classes", "classes", "bin_edges", "in_dim", "model",
-                                     "seed", "fold", "val_threshold", "protocol")}
+                                     "seed", "fold", "val_threshold", "protocol", "mhim")}
 
 
 def _as_array(x) -> np.ndarray:
@@ -763,113 +769,37 @@ def _figures(out_dir: Path, metrics: dict, pred: pd.DataFrame, classes, title: s
             subtitle=subtitle + "\n" + how))
 
 
-def _patch_size_level0(ws: Workspace, features_dir: Path, slide_id: str, bag_path: Path | None,
-                       coords: np.ndarray) -> float:
-    """Patch side in level-0 pixels: bag attrs, else the segment stage's coords file, else the grid."""
-    if bag_path is not None and bag_path.suffix == ".h5":
-        import h5py
-
-        with h5py.File(bag_path, "r") as f:
-            value = f.attrs.get("patch_size_level0")
-        if value is not None:
-            return float(value)
-    coords_path = features_dir.parent.parent.parent / "segment" / features_dir.name / "coords" / f"{slide_id}.h5"
-    if coords_path.is_file():
-        from extract.coords_file import read_coords
-
-        _, attrs = read_coords(coords_path)
-        if attrs.get("patch_size_level0") is not None:
-            return float(attrs["patch_size_level0"])
-        if attrs.get("patch_size") is not None and attrs.get("downsample") is not None:
-            ds = np.asarray(attrs["downsample"], dtype=float).reshape(-1)
-            return float(attrs["patch_size"]) * float(ds[0])
-    steps = np.diff(np.unique(coords[:, 0])) if len(coords) > 1 else np.array([])
-    steps = steps[steps > 0]
-    if not len(steps):
-        raise BagError(
-            f"{bag_path}: no 'patch_size_level0' attribute, no coords file at {coords_path}, and too few "
-            "patches to infer the grid; re-extract the bag with wsi-pipeline"
-        )
-    size = float(steps.min())
-    log.warning("%s: patch size not recorded; using the grid step %.0f level-0 px", slide_id, size)
-    return size
-
-
-def _heatmaps(ws: Workspace, out_dir: Path, chosen: list[dict], features_dir: Path, manifest,
-              k: int, cmap: str, tag: str) -> list[Path]:
+def _instance_outputs(ws: Workspace, out_dir: Path, rows: pd.DataFrame, chosen_from: pd.DataFrame, instance: dict,
+                      bags, features_dir: Path, manifest, *, spans, ensemble_of, group_of: dict, task: str, classes,
+                      model: str, n_heat: int | None, mode: str, cmap: str, k: int, tag: str) -> None:
+    """Per-slide instance-score HDF5 (every slide of ``rows``), QuPath GeoJSON, and heatmaps of the
+    ``n_heat`` slides of ``chosen_from`` ranked first (:mod:`pipeline.instance_outputs`)."""
     from mil.data import find_bag
 
-    from .heatmaps import write_slide_heatmaps
+    from . import instance_outputs as io
 
-    if manifest is None:
-        raise ConfigError("heatmaps need the slides: pass --manifest with a 'path' column")
-    rows = manifest.by_id()
-    written = []
-    for item in chosen:
-        sid = item["slide_id"]
-        row = rows.get(sid)
-        if row is None or row.path is None:
-            log.warning("heatmap of %s skipped: no slide path in %s", sid, manifest.path)
-            continue
-        coords = item["coords"]
-        if coords is None or len(coords) != len(item["scores"]):
-            log.warning("heatmap of %s skipped: the bag has no coordinates matching its instances", sid)
+    slides = io.collect_slides(rows, instance, bags.coords, task, classes, spans, ensemble_of)
+    cache: dict[str, dict] = {}
+
+    def geometry(sid: str, coords: np.ndarray) -> dict:
+        if sid not in cache:
+            cache[sid] = io.patch_geometry(find_bag(features_dir, sid), ws.coords_path(features_dir.name, sid),
+                                           sid, coords)
+        return cache[sid]
+
+    for sid, slide in slides.items():
+        if slide.coords is None or not len(slide.coords):
+            log.warning("instance scores of %s not written: the bag has no patch coordinates", sid)
             continue
         try:
-            patch0 = _patch_size_level0(ws, features_dir, sid, find_bag(features_dir, sid), coords)
-            written += write_slide_heatmaps(row.path, coords, item["scores"], patch0, out_dir / "heatmaps",
-                                            sid, title=item["title"] + tag, mpp=row.mpp, k=k, cmap=cmap)
-        except PipelineError as exc:  # a picture that cannot be drawn never loses the metrics
-            log.warning("heatmap of %s skipped: %s", sid, str(exc).splitlines()[0])
-    return written
-
-
-def _geojson(ws: Workspace, out_dir: Path, rows: pd.DataFrame, instance: dict, bags, features_dir: Path,
-             spans=None) -> None:
-    """Patch tiles with per-fold instance scores and the slide predictions, for QuPath; with
-    case bags (``spans``), one file per slide of each case holding that slide's rows."""
-    from mil.data import find_bag
-
-    from .prediction_geojson import write_prediction_geojson
-
-    coords_of = bags.coords
-    if spans is not None:
-        coords, per_slide, slide_rows = {}, {}, []
-        for r in rows.to_dict("records"):
-            case_coords = bags.coords(r["slide_id"])
-            for sp in (s for s in spans if s.case_id == r["slide_id"]):
-                slide_rows.append({**r, "slide_id": sp.slide_id})
-                if case_coords is not None:
-                    coords[sp.slide_id] = np.asarray(case_coords)[sp.start:sp.stop]
-                for (seed, fold, case), scores in instance.items():
-                    if case == r["slide_id"]:
-                        per_slide[(seed, fold, sp.slide_id)] = np.asarray(scores)[sp.start:sp.stop]
-        rows, instance, coords_of = pd.DataFrame(slide_rows), per_slide, coords.get
-    write_prediction_geojson(out_dir / "geojson", rows, instance, coords_of,
-                             lambda sid, c: _patch_size_level0(ws, features_dir, sid, find_bag(features_dir, sid), c))
-
-
-def _title(slide_id: str, row: dict, task: str, classes) -> str:
-    if task == "survival":
-        parts = [slide_id, f"risk {row['risk']:.3f}"]
-        if row.get("time") is not None and not pd.isna(row.get("time")):
-            parts.append(f"time {row['time']:g} event {int(row['event'])}")
-        return "  ".join(parts)
-    label = row.get("label")
-    label = "?" if label is None or (isinstance(label, float) and math.isnan(label)) else label
-    if len(classes) == 2:
-        return f"{slide_id}  label {label}  p({classes[1]}) {row[f'prob_{classes[1]}']:.3f}"
-    best = max(classes, key=lambda c: row[f"prob_{c}"])
-    return f"{slide_id}  label {label}  predicted {best} p {row[f'prob_{best}']:.3f}"
-
-
-def _order_key(row: dict, task: str, classes) -> float:
-    """What heatmap slides are ranked by (descending)."""
-    if task == "survival":
-        return float(row["risk"])
-    if len(classes) == 2:
-        return float(row[f"prob_{classes[1]}"])
-    return max(float(row[f"prob_{c}"]) for c in classes)
+            io.write_instance_file(out_dir / "instance_scores" / f"{sid}.h5", slide, geometry(sid, slide.coords),
+                                   group_of, task, classes)
+        except PipelineError as exc:
+            log.warning("instance scores of %s not written: %s", sid, str(exc).splitlines()[0])
+    io.write_geojson_files(slides, out_dir, geometry)
+    if n_heat != 0:
+        io.draw_heatmaps(slides, io.heatmap_rows(chosen_from, n_heat, task, classes), out_dir, manifest, geometry,
+                         task=task, classes=classes, model=model, mode=mode, cmap=cmap, k=k, tag=tag)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,8 +822,9 @@ def run_evaluation(
     device: str = "auto",
     n_boot: int = 1000,
     gallery_k: int = 8,
-    cmap: str = "jet",
+    cmap: str = "viridis",
     threshold: str = "auto",
+    heatmap_mode: str = "absolute",
 ) -> Path:
     """Evaluate a trained experiment; returns the folder holding metrics.json.
 
@@ -911,6 +842,8 @@ def run_evaluation(
     n_boot : bootstrap replicates for the 95% intervals.
     gallery_k : patches per gallery row.
     cmap : heatmap colormap.
+    heatmap_mode : 'absolute' (bag probability x relative attention, one colour range for every
+        slide) or 'rank' (percentile within each slide); the instance-score files hold both.
     """
     from .manifest import load_manifest
 
@@ -977,6 +910,9 @@ def run_evaluation(
     out_dir = base / f"external_{re.sub(r'[^A-Za-z0-9._-]+', '_', manifest_path.stem)}" if external else base
     title = f"{experiment}" + (f" on {manifest_path.stem}" if external else "")
     tag = "  [paper protocol: optimistic]" if protocol == "paper" else ""
+    model = str(meta.get("model")) + (" (MHIM student)" if meta.get("mhim") else "")
+    heat = dict(group_of={(u.seed, u.fold): u.dir.relative_to(exp.dir).as_posix() for u in exp.units},
+                model=model, mode=heatmap_mode, cmap=cmap, k=gallery_k, tag=tag)
 
     # 1. each fold model on its own validation and test slides
     need = sorted({s for u in exp.units for s in (u.test + ([] if protocol == "paper" else u.val))})
@@ -1024,23 +960,12 @@ def run_evaluation(
         _write_outputs(out_dir, metrics, pred, PROTOCOLS[protocol])
         _figures(out_dir, metrics, pred, classes, title)
         _write_run_config(out_dir, _run_record(experiment, protocol, n_heat, own_manifest_path,
-                                                     own_features, device, n_boot, gallery_k, cmap, threshold))
-        _geojson(ws, out_dir, pred[pred["split"] == "test"], instance, bags, own_features,
-                 spans if by_case else None)
-        if n_heat != 0:
-            test = _first_seed(pred[pred["split"] == "test"]).to_dict("records")
-            test.sort(key=lambda r: -_order_key(r, task, classes))
-            chosen = []
-            for r in test[:n_heat] if n_heat is not None else test:
-                seed = _seed_value(r["seed"])
-                chosen.append({"slide_id": r["slide_id"], "coords": bags.coords(r["slide_id"]),
-                               "scores": instance[(seed, int(r["fold"]), r["slide_id"])],
-                               "title": _title(r["slide_id"], r, task, classes)})
-            if by_case:  # one picture per slide of each chosen case
-                from mil.cases import expand_to_slides
-
-                chosen = expand_to_slides(chosen, spans)
-            _heatmaps(ws, out_dir, chosen, own_features, own_manifest, gallery_k, cmap, tag)
+                                                     own_features, device, n_boot, gallery_k, cmap, threshold,
+                                                     heatmap_mode))
+        test_rows = pred[pred["split"] == "test"]
+        _instance_outputs(ws, out_dir, test_rows, _first_seed(test_rows), instance, bags, own_features, own_manifest,
+                          spans=spans if by_case else None, ensemble_of=None, task=task, classes=classes,
+                          n_heat=n_heat, **heat)
         log.debug("\n%s", format_table(metrics))
         return out_dir
 
@@ -1083,32 +1008,23 @@ def run_evaluation(
     if ext_metrics.get("labelled"):
         _figures(out_dir, ext_metrics, ext_pred, classes, title, ensemble=ens)
     _write_run_config(out_dir, _run_record(experiment, protocol, n_heat, manifest_path, features_dir,
-                                                 device, n_boot, gallery_k, cmap, threshold))
-    _geojson(ws, out_dir, pd.concat([ext_pred, ens], ignore_index=True),
-             {(u.seed, u.fold, sid): scores[i] for sid, scores in ext_instance.items()
-              for i, u in enumerate(exp.units) if i < len(scores)}, ext_bags, features_dir)
-    if n_heat != 0:
-        from .heatmaps import rank_normalize
-
-        rows = ens.to_dict("records")
-        rows.sort(key=lambda r: -_order_key(r, task, classes))
-        chosen = []
-        for r in rows[:n_heat] if n_heat is not None else rows:
-            # the ensemble's instance scores: the mean of each model's per-slide rank percentiles
-            scores = np.mean([rank_normalize(s) for s in ext_instance[r["slide_id"]]], axis=0)
-            chosen.append({"slide_id": r["slide_id"], "coords": ext_bags.coords(r["slide_id"]), "scores": scores,
-                           "title": _title(r["slide_id"], r, task, classes) + " (ensemble)"})
-        _heatmaps(ws, out_dir, chosen, features_dir, ext_manifest, gallery_k, cmap, tag)
+                                                 device, n_boot, gallery_k, cmap, threshold, heatmap_mode))
+    ext_instance = {(u.seed, u.fold, sid): scores[i] for sid, scores in ext_instance.items()
+                    for i, u in enumerate(exp.units) if i < len(scores)}
+    ensemble_of = {sid: [(u.seed, u.fold) for u in exp.units] for sid in ens["slide_id"]}
+    _instance_outputs(ws, out_dir, pd.concat([ext_pred, ens], ignore_index=True), ens, ext_instance, ext_bags,
+                      features_dir, ext_manifest, spans=None, ensemble_of=ensemble_of, task=task, classes=classes,
+                      n_heat=n_heat, **heat)
     log.debug("\n%s", format_table(ext_metrics))
     return out_dir
 
 
 def _run_record(experiment, protocol, heatmaps, manifest, features, device, n_boot, gallery_k, cmap,
-                threshold="auto") -> dict:
+                threshold="auto", heatmap_mode="absolute") -> dict:
     return {"threshold": threshold, "experiment": experiment, "protocol": protocol, "protocol_label": PROTOCOLS[protocol],
             "heatmaps": "all" if heatmaps is None else heatmaps, "manifest": str(manifest) if manifest else None,
             "features": str(features) if features else None, "device": device, "n_boot": n_boot,
-            "gallery_k": gallery_k, "cmap": cmap}
+            "gallery_k": gallery_k, "cmap": cmap, "heatmap_mode": heatmap_mode}
 
 
 def _write_run_config(out_dir: Path, record: dict) -> None:
@@ -1195,7 +1111,7 @@ def evaluate_command(args) -> int:
     from .logging_setup import attach_run_log
 
     inputs = resolve_stage(args, "evaluate", EvaluateConfig,
-                           ("experiment", "features", "heatmaps", "protocol", "device", "threshold"))
+                           ("experiment", "features", "heatmaps", "protocol", "device", "threshold", "heatmap_mode"))
     attach_run_log(inputs.workspace, "evaluate", create_workspace=False)
     cfg = inputs.section
     experiment = cfg.experiment
@@ -1210,7 +1126,8 @@ def evaluate_command(args) -> int:
         features = Path(args.config).resolve().parent / features
     out_dir = run_evaluation(inputs.workspace, experiment, protocol=cfg.protocol, heatmaps=cfg.heatmaps,
                              manifest=inputs.manifest, features=features, device=cfg.device, n_boot=cfg.n_boot,
-                             gallery_k=cfg.gallery_k, cmap=cfg.cmap, threshold=cfg.threshold)
+                             gallery_k=cfg.gallery_k, cmap=cfg.cmap, threshold=cfg.threshold,
+                             heatmap_mode=cfg.heatmap_mode)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     print(format_table(metrics))
     print(f"metrics:     {out_dir / 'metrics.json'}\npredictions: {out_dir / 'predictions.csv'}")

@@ -2,7 +2,8 @@
 
 One PNG per slide: the thumbnail with tissue outlines (green), holes (blue), ink and pen marks
 removed from the tissue (magenta) and every kept patch as a translucent yellow square,
-plus a caption with the slide id, patch count and scale.
+plus a caption with the slide id, patch count and scale, and a footer with a legend of those
+colours and a scale bar (um or mm, from the slide's level-0 microns per pixel).
 """
 
 from __future__ import annotations
@@ -17,6 +18,48 @@ PATCH = (255, 210, 0)
 INK = (255, 0, 200)
 #: Smallest long side of a preview: thumbnails of tiny slides are enlarged to at least this.
 MIN_LONG_PX = 480
+#: Scale bar lengths to pick from, in micrometres (the one nearest a fifth of the width wins).
+SCALE_BAR_UM = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+
+def scale_bar_um(um_per_px: float, width_px: int) -> tuple[int, int]:
+    """A round scale-bar length (um) about a fifth of ``width_px`` wide, and its length in pixels."""
+    target = width_px / 5.0 * um_per_px
+    um = min(SCALE_BAR_UM, key=lambda v: abs(np.log(v / target)))
+    return um, max(1, int(round(um / um_per_px)))
+
+
+def _footer(width: int, band: int, ink: bool, um_per_px: float | None) -> np.ndarray:
+    """White band with the legend (tissue, holes, patch grid, ink) and, with ``um_per_px``, a
+    scale bar; at least ``width`` pixels wide (wider when the legend needs it)."""
+    import cv2
+
+    font, thick = band / 34, max(1, int(band / 22))
+    items = [("tissue", TISSUE, "line"), ("holes", HOLE, "line"), ("patch grid", PATCH, "box")]
+    if ink:
+        items.append(("ink removed", INK, "box"))
+    sw = band  # swatch width
+    widths = [sw + 6 + cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, font, thick)[0][0] + band for t, _, _ in items]
+    bar = scale_bar_um(um_per_px, width) if um_per_px else None
+    bar_text = None if bar is None else (f"{bar[0] // 1000} mm" if bar[0] >= 1000 else f"{bar[0]} um")
+    bar_w = 0 if bar is None else bar[1] + 8 + cv2.getTextSize(bar_text, cv2.FONT_HERSHEY_SIMPLEX, font, thick)[0][0]
+    out = np.full((band + 8, max(width, 8 + sum(widths) + bar_w + 8), 3), 255, np.uint8)
+    x, mid = 4, (band + 8) // 2
+    for (text, colour, kind), w in zip(items, widths):
+        if kind == "line":
+            cv2.line(out, (x, mid), (x + sw, mid), colour, max(2, band // 8))
+        else:
+            cv2.rectangle(out, (x, mid - band // 3), (x + sw, mid + band // 3), colour, -1)
+        cv2.putText(out, text, (x + sw + 6, mid + band // 4), cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), thick,
+                    cv2.LINE_AA)
+        x += w
+    if bar is not None:
+        x1 = out.shape[1] - 4
+        x0 = x1 - bar_w
+        cv2.rectangle(out, (x0, mid - 3), (x0 + bar[1], mid + 3), (0, 0, 0), -1)
+        cv2.putText(out, bar_text, (x0 + bar[1] + 8, mid + band // 4), cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0),
+                    thick, cv2.LINE_AA)
+    return out
 
 
 def draw_preview(
@@ -28,6 +71,7 @@ def draw_preview(
     patch_px_level0: int,
     caption: str = "",
     ink: list[np.ndarray] | None = None,
+    mpp: float | None = None,
 ) -> np.ndarray:
     """Draw tissue, holes and patches on a copy of ``image``.
 
@@ -39,6 +83,12 @@ def draw_preview(
     coords : int64 ``[N, 2]`` level-0 top-left corners of the patches.
     patch_px_level0 : patch side in level-0 pixels.
     ink : level-0 ``[K, 2]`` outlines of the ink removed from the tissue, drawn in magenta.
+    mpp : the slide's level-0 microns per pixel, for the scale bar (None: no scale bar).
+
+    Returns
+    -------
+    uint8 RGB: the caption band, the drawn thumbnail (the slide's aspect ratio), and a footer
+    with the legend and the scale bar.
     """
     import cv2
 
@@ -80,8 +130,12 @@ def draw_preview(
     if flat_holes:
         cv2.polylines(canvas, [to_thumb(h) for h in flat_holes], True, HOLE, thick)
 
+    band = max(18, canvas.shape[1] // 40)
+    footer = _footer(canvas.shape[1], band, bool(ink), float(sx) * mpp if mpp else None)
+    if footer.shape[1] > canvas.shape[1]:  # a narrow slide: widen the picture, never cut the legend
+        canvas = np.hstack([canvas, np.full((canvas.shape[0], footer.shape[1] - canvas.shape[1], 3), 255, np.uint8)])
+    canvas = np.vstack([canvas, footer])
     if caption:
-        band = max(18, canvas.shape[1] // 40)
         header = np.full((band + 8, canvas.shape[1], 3), 255, np.uint8)
         font_scale = band / 30
         thick = max(1, int(font_scale * 1.5))

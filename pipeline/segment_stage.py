@@ -248,7 +248,7 @@ def _write_preview(slide, image, scale, tissue, coords, patch0, slide_id, path: 
     if tissue.params.remove_ink:
         caption += f", ink {100 * tissue.ink_fraction:.1f}% removed"
     save_png(path, draw_preview(image, scale, tissue.contours, tissue.holes, coords, patch0, caption,
-                                ink=tissue.ink_contours))
+                                ink=tissue.ink_contours, mpp=slide_mpp))
 
 
 def _check_slide_mpp(slide_mpp: float | None, check_mpp: bool) -> None:

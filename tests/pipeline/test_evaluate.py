@@ -280,7 +280,8 @@ def binary_experiment(tmp_path_factory):
     ids = [f"s{i:02d}" for i in range(16)]
     labels = ["tumor" if i % 2 else "normal" for i in range(16)]
     manifest = _write_cohort(root, ws, ids, labels, 0, features)
-    config = TrainConfig(model="abmil", model_kw={"embed_dim": 16, "attn_dim": 8}, epochs=4, folds=2, lr=1e-2,
+    # 8 epochs: the classes separate (test p(tumor) about 0.8 vs 0.3), so heatmaps can be compared
+    config = TrainConfig(model="abmil", model_kw={"embed_dim": 16, "attn_dim": 8}, epochs=8, folds=2, lr=1e-2,
                          seeds=(0,), device="cpu", mhim=None, patience=None, val_ratio=0.3)
     run_training(manifest, ws, features, config, "exp", progress=False)
     return {"root": root, "ws": ws, "manifest": manifest, "features": features}
@@ -346,6 +347,54 @@ def test_evaluate_binary_metrics_match_saved_predictions(binary_experiment):
     names = sorted(p.name for p in (out / "heatmaps").glob("*.png"))
     assert names == sorted([f"{s}.png" for s in top2] + [f"{s}_gallery.png" for s in top2])
     assert (out / "evaluate_config.yaml").is_file()
+
+
+def test_instance_scores_behind_every_test_slide_and_absolute_heatmaps(binary_experiment):
+    """Every test slide's HDF5 matches predictions.csv and its bag; the absolute heatmaps colour
+    each patch from those values on one range for every slide, so a normal slide stays cooler."""
+    import h5py
+
+    from extract.bags import read_bag
+    from extract.slide import Slide
+    from pipeline.heatmaps import ALPHA_FLOOR, _colormap
+    from pipeline.evaluate_stage import run_evaluation
+    from tests.pipeline.test_heatmaps import _panel_box, _read_png
+
+    ws, features = binary_experiment["ws"], binary_experiment["features"]
+    out = run_evaluation(ws, "exp", heatmaps="all", n_boot=10, device="cpu")
+    _, pred = _read_outputs(out)
+    test = pred[pred.split == "test"]
+    assert sorted(p.stem for p in (out / "instance_scores").glob("*.h5")) == sorted(test.slide_id)
+    peak = {}
+    for r in test.itertuples():
+        with h5py.File(out / "instance_scores" / f"{r.slide_id}.h5", "r") as f:
+            coords = f["coords"][:]
+            np.testing.assert_array_equal(coords, read_bag(features / f"{r.slide_id}.h5").coords)
+            assert f["coords"].attrs["patch_size_level0"] == PATCH0 and f["coords"].attrs["target_mpp"] == 0.5
+            assert list(f) == ["coords", f"fold_{r.fold}"]  # the one fold model that tested it
+            g = f[f"fold_{r.fold}"]
+            assert g.attrs["prob_tumor"] == pytest.approx(r.prob_tumor, rel=1e-6) and g.attrs["split"] == "test"
+            assert g.attrs["prediction"] == r.prediction
+            raw, absolute = g["instance_scores"][:], g["absolute"][:]
+            assert raw.shape == absolute.shape == (len(coords),)
+            np.testing.assert_allclose(absolute, r.prob_tumor * np.exp(raw - raw.max()), rtol=1e-5, atol=1e-7)
+            peak[r.slide_id] = (float(absolute.max()), coords[int(np.argmax(absolute))], r.label)
+    tumour = max((v for v in peak.values() if v[2] == "tumor"), key=lambda v: v[0])
+    normal = min((v for v in peak.values() if v[2] == "normal"), key=lambda v: v[0])
+    assert normal[0] < 0.5 * tumour[0]  # the hottest patch of a normal slide is clearly cooler
+
+    # the pictures: the hottest patch's pixel is the value's colour on the range [0, 1]
+    lut = _colormap("viridis").astype(float)
+    for sid, (value, (x, y), _) in ((s, peak[s]) for s in peak if peak[s] in (tumour, normal)):
+        heat = _read_png(out / "heatmaps" / f"{sid}.png")
+        px, py, pw, ph = _panel_box(heat)
+        with Slide(binary_experiment["root"] / "slides" / f"{sid}.svs") as slide:
+            W, H = slide.dimensions
+            tissue = slide.read_region((int(x) + 16, int(y) + 16), 0, (32, 32)).reshape(-1, 3).mean(0)
+        cx, cy = (x + PATCH0 / 2) * pw / W, (y + PATCH0 / 2) * ph / H
+        alpha = 0.6 * (ALPHA_FLOOR + (1 - ALPHA_FLOOR) * value)  # the colour range is [0, 1] for every slide
+        expected = (1 - alpha) * tissue + alpha * lut[int(round(value * 255))]
+        np.testing.assert_allclose(heat[py + int(cy), px + int(cx)], expected, atol=8)
 
 
 def test_cli_paper_protocol_is_labelled_and_kept_apart(binary_experiment, capsys):
@@ -436,6 +485,14 @@ def test_external_manifest_is_scored_by_every_fold_and_ensembled(binary_experime
     assert e["auc"] == pytest.approx(m["auc"]) and e["accuracy"] == pytest.approx(m["accuracy"])
     assert metrics["protocol"] == PROTOCOLS["default"] and len(metrics["folds"]) == 2
     assert (out / "roc.png").is_file() and len(list((out / "heatmaps").glob("*.png"))) == 2
+    import h5py
+
+    for sid in ids:  # every external slide: each fold model's scores and the ensemble drawn in its heatmap
+        with h5py.File(out / "instance_scores" / f"{sid}.h5", "r") as f:
+            assert sorted(f) == ["coords", "ensemble", "fold_0", "fold_1"]
+            np.testing.assert_allclose(f["ensemble/absolute"][:], (f["fold_0/absolute"][:] + f["fold_1/absolute"][:]) / 2,
+                                       rtol=1e-5, atol=1e-7)
+            assert f["ensemble"].attrs["prob_tumor"] == pytest.approx(ens.loc[sid, "prob_tumor"], rel=1e-6)
 
     # an external set without labels: predictions only
     nolab = ext_root / "nolabel.csv"

@@ -10,13 +10,17 @@ import pytest
 
 from extract.errors import ConfigError
 from pipeline.heatmaps import (
+    ALPHA_FLOOR,
     FRAME,
     _colormap,
+    absolute_scores,
     draw_gallery,
     draw_heatmap,
+    heatmap_figure,
     heatmap_layout,
     rank_normalize,
     thumbnail_downsample,
+    relative_attention,
     top_bottom,
     write_slide_heatmaps,
 )
@@ -81,9 +85,10 @@ def test_draw_heatmap_colours_patches_by_rank_and_keeps_the_thumbnail_shape():
     panel = img[py:py + ph, px:px + pw].astype(int)
     assert panel.shape[:2] == (90, 160)
     lut = _colormap("jet").astype(float)
-    blend = lambda c: np.round(0.5 * 200 + 0.5 * c).astype(int)  # noqa: E731
-    np.testing.assert_array_equal(panel[20, 60], blend(lut[255]))  # patch 1: highest score
-    np.testing.assert_array_equal(panel[20, 140], blend(lut[0]))   # patch 3: lowest score
+    blend = lambda c, a: np.round((1 - a) * 200 + a * c).astype(int)  # noqa: E731
+    np.testing.assert_array_equal(panel[20, 60], blend(lut[255], 0.5))  # patch 1: highest score, full alpha
+    # patch 3: lowest score, drawn fainter so the tissue shows through
+    np.testing.assert_allclose(panel[20, 140], blend(lut[0], 0.5 * ALPHA_FLOOR), atol=1)
     np.testing.assert_array_equal(panel[85, 10], [200, 200, 200])  # no patch there
     assert _panel_box(img) == lay.panel
 
@@ -165,12 +170,12 @@ def test_write_slide_heatmaps_pngs_have_slide_aspect_and_right_gallery(marked_sl
     x, y, w, h = _panel_box(heat)
     assert 1000 <= max(w, h) <= 1500
     assert (w / h) == pytest.approx(2400 / 1100, rel=0.02)
-    # the red (top-scored) patch in the panel is coloured with the top of the colormap (jet: dark red)
-    lut = _colormap("jet").astype(int)
+    # the red (top-scored) patch in the panel is coloured with the top of the colormap (viridis: yellow)
+    lut = _colormap("viridis").astype(int)
     sx = 2400 / w
     cx, cy = coords[5] + 64
     pixel = heat[y + int(cy / sx), x + int(cx / sx)].astype(int)
-    np.testing.assert_allclose(pixel, np.round(0.5 * np.array([255, 0, 0]) + 0.5 * lut[255]), atol=6)
+    np.testing.assert_allclose(pixel, np.round(0.4 * np.array([255, 0, 0]) + 0.6 * lut[255]), atol=6)
 
     gallery = _read_png(gallery_path)
     reds, blues = _coloured_tiles(gallery, "red", 128), _coloured_tiles(gallery, "blue", 128)
@@ -203,3 +208,25 @@ def test_heatmap_on_real_slide(slides_dir, tmp_path):
     assert (w / h) == pytest.approx(W / H, rel=0.02)
     gallery = _read_png(gallery_path)
     assert gallery.shape[0] > 2 * 128 and gallery.shape[1] >= 8 * 128
+
+
+def test_absolute_values_are_bag_probability_times_relative_attention():
+    s = np.array([2.0, 0.0, -np.inf, 2.0 - np.log(4)])
+    np.testing.assert_allclose(relative_attention(s), [1.0, np.exp(-2), 0.0, 0.25])
+    np.testing.assert_allclose(absolute_scores(s, 0.8), [0.8, 0.8 * np.exp(-2), 0.0, 0.2])
+    # a slide called normal stays cool however peaked its attention is
+    assert absolute_scores(s, 0.05).max() == pytest.approx(0.05)
+    with pytest.raises(ConfigError, match="bag_weight"):
+        absolute_scores(s, 1.5)
+
+
+def test_heatmap_figure_has_one_colour_bar_with_its_range_and_label():
+    panel = np.full((300, 500, 3), 180, np.uint8)
+    fig = heatmap_figure(panel, "s1  label tumor  p(tumor) 0.9\nfold 0, model abmil", "viridis", (0.0, 1.0),
+                         "p(tumor) x attention")
+    (bar,) = fig.axes  # the panel is pasted pixels: the colour bar is the figure's only axes
+    assert bar.get_ylim() == (0.0, 1.0) and bar.get_ylabel() == "p(tumor) x attention"
+    labels = [t.get_text() for t in bar.get_yticklabels()]
+    assert len(labels) == len(set(labels)) >= 3  # each tick labelled once
+    texts = [t.get_text() for t in fig.texts]
+    assert texts == ["s1  label tumor  p(tumor) 0.9", "fold 0, model abmil"]

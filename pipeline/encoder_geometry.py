@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def geometry_warning(backbone: str, seg_tag: str, seg_params: dict) -> str | None:
+def geometry_warning(backbone: str, seg_tag: str, seg_params: dict, weights_id: str = "") -> str | None:
     """A one-line warning when ``seg_params`` tiles differently from ``backbone``'s native geometry.
 
     Parameters
@@ -20,7 +20,7 @@ def geometry_warning(backbone: str, seg_tag: str, seg_params: dict) -> str | Non
     from extract.backbones import backbone_card
 
     card = backbone_card(backbone)
-    if card is None or not seg_params:
+    if card is None or not seg_params or weights_id == "random":
         return None
     native = f"{card.native_patch_px} px patches at {card.native_mpp:g} mpp"
     fix = (f"for its native geometry run `wsi-pipeline segment --target-mpp {card.native_mpp:g} "

@@ -110,6 +110,8 @@ class Extractor:
             raise ConfigError(f"--backbone-kw applies to timm:<name> backbones; {config.backbone} is registered "
                               "with its exact architecture (see --list-backbones)")
         device = select_device(config.device)
+        if device.type == "cuda":  # every batch has the same shape: let cuDNN pick its fastest kernels once
+            torch.backends.cudnn.benchmark = True
         model = create_backbone(config.backbone, weights=config.weights, **kwargs)
         model = model.to(device).eval().to(memory_format=torch.channels_last)
         if config.compile:
@@ -126,13 +128,24 @@ class Extractor:
         """``patches`` uint8 ``[B, H, W, 3]`` (numpy, pinned or device tensor) -> float32 ``[B, D]``
         left on the device: nothing here waits for the device, so reading the next batch
         overlaps this one's forward pass."""
+        return self.forward(self.prepare(patches))
+
+    def prepare(self, patches):
+        """uint8 ``[B, H, W, 3]`` -> the model's input on its device: resized, normalised,
+        channels_last, in the autocast dtype (``[B, 3, S, S]``)."""
         import torch
 
         from extract.backbones import preprocess_on_device
 
         batch = torch.as_tensor(patches).to(self.device, non_blocking=True)
         with torch.inference_mode():
-            x = preprocess_on_device(batch, self.config, self.amp_dtype or torch.float32)
+            return preprocess_on_device(batch, self.config, self.amp_dtype or torch.float32)
+
+    def forward(self, x):
+        """Prepared input ``[B, 3, S, S]`` -> float32 features ``[B, D]`` on the device."""
+        import torch
+
+        with torch.inference_mode():
             context = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
                        else contextlib.nullcontext())
             with context:
@@ -192,8 +205,9 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
     device = extractors[0].device
     shared_device = all(ex.device == device for ex in extractors)
     pin = any(ex.device.type == "cuda" for ex in extractors)
-    t_read = 0.0
-    t_model = [0.0] * len(extractors)
+    from .stage_clock import StageClock
+
+    clock = StageClock()  # device time per stage, without a per-batch sync
     batches = iter_patch_batches(row.path, coords, patch0, out_px, batch_size=config.batch_size,
                                  num_workers=config.num_workers, mpp=row.mpp, pin_memory=pin,
                                  ordered=False)
@@ -208,23 +222,25 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
                 indices, patches = next(it)
             except StopIteration:
                 break
-            t_read += time.perf_counter() - t0
+            clock.add("read", time.perf_counter() - t0)
             if qc_kinds:  # on the uint8 batch already in host memory: no second read
                 for name, values in patch_qc(patches, qc_kinds).items():
                     qc.setdefault(name, np.zeros(n, np.float32))[indices] = values
             if shared_device and device.type != "cpu":
-                patches = torch.as_tensor(patches).to(device, non_blocking=True)  # one transfer for all
+                with clock.span("transfer", device):  # one host->device copy for all encoders
+                    patches = torch.as_tensor(patches).to(device, non_blocking=True)
             rows = torch.as_tensor(indices)
             for k, ex in enumerate(extractors):
-                t1 = time.perf_counter()
-                with torch.inference_mode():
-                    features[k][rows.to(ex.device, non_blocking=True)] = ex.embed(patches)
-                t_model[k] += time.perf_counter() - t1
+                with clock.span("transfer", ex.device):
+                    x = ex.prepare(patches)
+                with clock.span(f"model{k}", ex.device), torch.inference_mode():
+                    features[k][rows.to(ex.device, non_blocking=True)] = ex.forward(x)
             bar.update(len(indices))
     bar.close()
-    t1 = time.perf_counter()
     features = [f.cpu().numpy() for f in features]  # waits for the last forward passes
-    t_model[-1] += time.perf_counter() - t1
+    seconds = clock.seconds()
+    t_read, t_transfer = seconds.get("read", 0.0), seconds.get("transfer", 0.0)
+    t_model = [seconds.get(f"model{k}", 0.0) for k in range(len(extractors))]
     report = batches.report
     keep = np.ones(n, bool)
     keep[report.dropped] = False
@@ -235,7 +251,7 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
         a["retried_patches"] = int(len(report.retried))
         write_bag(tmp, features[k][keep], coords[keep], a, dtype=config.dtype)
         write_qc(tmp, {name: values[keep] for name, values in qc.items()})
-        message = f"read {t_read:.1f} s, model {t_model[k]:.1f} s"
+        message = f"read {t_read:.1f} s, transfer {t_transfer:.1f} s, model {t_model[k]:.1f} s"
         if len(extractors) > 1:
             message += f" (one read pass for {len(extractors)} encoders)"
         if a["dropped_patches"]:
@@ -243,7 +259,8 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
         if unreadable:
             message = f"{unreadable}; {message}"
         outcomes.append(SlideOutcome(state, message, patches=int(keep.sum()),
-                                     extra={"read_s": round(t_read, 3), "model_s": round(t_model[k], 3),
+                                     extra={"read_s": round(t_read, 3), "transfer_s": round(t_transfer, 3),
+                                            "model_s": round(t_model[k], 3),
                                             "reread_patches": int(len(report.retried)),
                                             "dropped_patches": int((~keep).sum())}))
     return outcomes if several else outcomes[0]
@@ -364,7 +381,7 @@ def run_extract_all(manifest_path: Path, workspace: Path, config: ExtractConfig,
     for cfg in _split_backbones(config):
         extractor = Extractor.create(cfg)  # fails here, before any slide, if weights are missing
         bb = extractor.config
-        mismatch = geometry_warning(cfg.backbone, tag, _seg_tiling(seg_record))
+        mismatch = geometry_warning(cfg.backbone, tag, _seg_tiling(seg_record), bb.weights_id)
         if mismatch:
             log.warning("%s", mismatch)
         btag = backbone_tag(cfg.backbone, bb.weights_id)

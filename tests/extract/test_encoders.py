@@ -329,3 +329,15 @@ def test_a_tiling_off_the_native_geometry_warns_with_the_segment_command():
     line = geometry_warning("conch_v15", "level0_256px", {"patch_level": 0, "patch_px": 256})
     assert "--target-mpp 0.5 --patch-size 512" in line
     assert geometry_warning("timm:vit_small_patch16_224", "x", {"target_mpp": 2.0, "patch_px": 64}) is None
+
+
+def test_random_weights_have_no_native_geometry_to_warn_about():
+    from pipeline.encoder_geometry import geometry_warning
+
+    demo_tiling = {"target_mpp": 1.0, "patch_px": 224}  # configs/demo.yaml: 10x, off ResNet's 20x
+    assert geometry_warning("resnet18", "mpp1.00_224px", demo_tiling, "random") is None
+    assert geometry_warning("uni", "level0_256px", {"patch_level": 0, "patch_px": 256}, "random") is None
+    assert "trained on 256 px patches at 0.5 mpp" in geometry_warning("resnet18", "mpp1.00_224px", demo_tiling,
+                                                                      "imagenet")
+    assert "segment --target-mpp 0.5" in geometry_warning("uni", "level0_256px", {"patch_level": 0, "patch_px": 256},
+                                                          "sha256:1a2b3c4d")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -43,6 +46,11 @@ def test_two_encoders_read_each_patch_once_and_resume_separately(tmp_path, slide
     assert r18.features.shape == (50, 512) and r50.features.shape == (50, 1024)
     assert np.array_equal(r18.coords, coords) and np.array_equal(r50.coords, coords)
     assert not list((ws / "features").rglob("*.staged"))
+    # status.csv says where each encoder's time went (read wait, host->device + preprocessing, forward)
+    with open(ws / "features" / "resnet18-random" / tag / "status.csv", newline="") as f:
+        message = next(csv.DictReader(f))["message"]
+    assert re.fullmatch(r"read \d+\.\d s, transfer \d+\.\d s, model \d+\.\d s \(one read pass for 2 encoders\)",
+                        message), message
 
     # the same features as each encoder alone
     alone = ["extract", "--manifest", str(manifest), "--workspace", str(tmp_path / "ws_alone"), "--weights", "random",

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from extract.errors import BagError, ConfigError
+from mil.evaluation import TASKS, check_protocol, check_task
 
 __all__ = [
     "BagSet",
@@ -45,7 +46,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TASKS = ("classification", "survival")
 #: Bag file names looked up for a slide, in order: ours / CLAM's h5, then ``.pt`` exports.
 _BAG_PATTERNS = ("{sid}.h5", "h5_files/{sid}.h5", "{sid}.pt", "pt_files/{sid}.pt")
 #: Share of the free CUDA memory that the float32 copies of all bags may take.
@@ -460,8 +460,7 @@ class Targets:
 
 def make_targets(rows: Sequence, task: str, classes: Sequence[str] | None = None) -> Targets:
     """Targets of the manifest rows for ``task`` (see :class:`Targets`)."""
-    if task not in TASKS:
-        raise ConfigError(f"The 'task' parameter must be one of {', '.join(TASKS)}. Got {task!r} instead.")
+    check_task(task)
     if task == "classification":
         mapping = encode_labels(rows, classes)
         return Targets(task, y={r.slide_id: mapping.index(r.label) for r in rows}, labels=mapping)
@@ -573,10 +572,8 @@ def make_splits(
         Bad parameters, a case that spans several predefined folds/splits, a fold with an
         empty train or test part.
     """
-    if task not in TASKS:
-        raise ConfigError(f"The 'task' parameter of make_splits must be one of {', '.join(TASKS)}. Got {task!r} instead.")
-    if protocol not in ("default", "paper"):
-        raise ConfigError(f"The 'protocol' parameter of make_splits must be 'default' or 'paper'. Got {protocol!r} instead.")
+    check_task(task, "make_splits")
+    check_protocol(protocol, "make_splits")
     if not (isinstance(val_ratio, (int, float)) and 0 <= val_ratio < 1):
         raise ConfigError(f"The 'val_ratio' parameter of make_splits must be a float in [0, 1). Got {val_ratio!r} instead.")
     rows = list(rows)

@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heatmap-mode", choices=["absolute", "rank"],
                    help="absolute (default: bag probability x relative attention, one colour range for "
                         "every slide) or rank (percentile within each slide)")
-    g.add_argument("--protocol", choices=["default", "paper"],
-                   help="'paper' = validation is the test fold (optimistic; for comparison only)")
+    g.add_argument("--protocol", help="default | paper ('paper' = validation is the test fold; optimistic, "
+                                      "for comparison only)")
     g.add_argument("--threshold", choices=["auto", "youden", "argmax"],
                    help="binary decision rule (default auto: Youden's J on validation when it holds "
                         ">= 10 bags of each class, else argmax)")

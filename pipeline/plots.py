@@ -9,10 +9,11 @@ worker processes and on machines without a display). Writing the PNG is the call
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["roc_plot", "km_plot", "mean_roc"]
+__all__ = ["roc_plot", "km_plot", "mean_roc", "evaluation_figures"]
 
 #: False-positive-rate grid on which fold ROC curves are interpolated and averaged.
 FPR_GRID = np.linspace(0.0, 1.0, 201)
@@ -185,3 +186,46 @@ def km_plot(
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return _render(fig)
+
+
+def evaluation_figures(metrics: Mapping[str, Any], pred, classes: Sequence[str] | None, title: str,
+                       ensemble=None) -> dict[str, np.ndarray]:
+    """The figures of an evaluation, by file name: ``roc.png`` (binary: each fold's test or
+    external rows, and the ensemble's) or ``km.png`` (survival: the first seed's test slides by
+    their fold's risk group, or the ensemble's); none for multi-class.
+
+    ``metrics`` and ``pred`` are what :func:`mil.evaluation.evaluate_predictions` (or
+    ``external_metrics``) returned; ``ensemble`` the ensemble rows of an external set.
+    """
+    from mil.evaluation import first_seed, unit_rows
+
+    subtitle = f"protocol: {metrics['protocol']}"
+    several_seeds = len({f["seed"] for f in metrics["folds"]}) > 1
+    if metrics["kind"] == "binary":
+        pos = f"prob_{classes[1]}"
+        curves = {}
+        for f in metrics["folds"]:
+            rows = unit_rows(pred, f["seed"], f["fold"])
+            rows = rows[(rows["split"] == "test") | (rows["split"] == "external")]
+            name = f"seed {f['seed']} fold {f['fold']}" if several_seeds else f"fold {f['fold']}"
+            curves[name] = (rows["label"].astype(str).to_numpy() == classes[1], rows[pos].to_numpy(float))
+        extra = None
+        if ensemble is not None and "label" in ensemble:
+            extra = (ensemble["label"].astype(str) == classes[1], ensemble[pos].to_numpy(float))
+        return {"roc.png": roc_plot(curves, title=f"{title}: ROC ({classes[1]} positive)", subtitle=subtitle,
+                                    ensemble=extra)}
+    if metrics["kind"] != "survival":
+        return {}
+    rows = ensemble if ensemble is not None else first_seed(pred[pred["split"] == "test"])
+    km = metrics.get("km") or {}
+    if ensemble is not None:
+        how = "ensemble risk split at the mean of the folds' median validation risks"
+    else:
+        how = "test slides split at the median validation risk of their fold"
+        if several_seeds:
+            how += f" (seed {km.get('seed')})"
+    high = (rows["risk_group"] == "high").to_numpy()
+    t, e = rows["time"].to_numpy(float), rows["event"].to_numpy(float).astype(int)
+    return {"km.png": km_plot({"high predicted risk": (t[high], e[high]), "low predicted risk": (t[~high], e[~high])},
+                              p_value=km.get("logrank_p"), title=f"{title}: Kaplan-Meier",
+                              subtitle=subtitle + "\n" + how)}

@@ -156,7 +156,7 @@ def train_status(exp_dir: Path) -> StageStatus:
     """Folds (and seeds) of one experiment: done, failed (summary.csv), running (locks), pending."""
     import csv
 
-    from .train_stage import experiment_runs
+    from .experiment import experiment_runs
 
     label = exp_dir.name
     try:

@@ -34,9 +34,10 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from extract.errors import CheckpointError, ConfigError, PipelineError
+from extract.errors import ConfigError, PipelineError
 
 from .config import CONFIG_DIR, from_dict, load_yaml, resolve_stage
+from .experiment import experiment_runs, run_dir
 from .logging_setup import attach_run_log
 from .workspace import Workspace
 
@@ -242,22 +243,6 @@ def _record_experiment(exp_dir: Path, name: str, manifest_path: Path, features_d
     _write_text(splits_path, "\n".join(lines) + "\n")
 
 
-def experiment_runs(exp_dir: str | Path) -> list[dict]:
-    """The (seed, fold) runs of an experiment from its splits.csv: dicts seed, fold, dir, done."""
-    exp_dir = Path(exp_dir)
-    path = exp_dir / "splits.csv"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; train the experiment first")
-    with open(path, newline="") as f:
-        pairs = sorted({(int(r["seed"]), int(r["fold"])) for r in csv.DictReader(f)})
-    seeds = sorted({s for s, _ in pairs})
-    out = []
-    for seed, fold in pairs:
-        d = exp_dir / (f"seed_{seed}/fold_{fold}" if len(seeds) > 1 else f"fold_{fold}")
-        out.append({"seed": seed, "fold": fold, "dir": d, "done": (d / "done.json").is_file()})
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # training every seed and fold
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +352,7 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
         with redirect, cpu_threads_for(bags, resolve_device(config.device)):
             bar = tqdm(runs, desc="train", unit="fold", disable=not interactive, dynamic_ncols=True)
             for seed, k, split in bar:
-                fold_dir = ws.fold_dir(experiment, k, seed if multi_seed else None)
+                fold_dir = run_dir(ws, experiment, k, seed, multi_seed)
                 bar.set_postfix_str(f"seed {seed} fold {k}", refresh=True)
                 lock = SlideLock(exp_dir / ".locks", f"seed{seed}_fold{k}", stale_lock_s=24 * 3600)
                 if not lock.acquire():

@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from extract.errors import BagError, ConfigError
+from mil.evaluation import TASKS
 
 from .output import MILOutput
 
 __all__ = ["MILModel", "BagShapeError", "TASKS"]
 
-#: Tasks a student can be built for. ``survival`` models output one logit per time bin and
-#: skip every classification-only auxiliary loss.
-TASKS = ("classification", "survival")
+# TASKS (mil.evaluation): a ``survival`` student outputs one logit per time bin and skips every
+# classification-only auxiliary loss.
 
 
 class BagShapeError(BagError, ValueError):

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from extract.errors import CheckpointError, ConfigError, ManifestError, PipelineError
+from extract.errors import CheckpointError, ConfigError, ManifestError
 from mil.evaluation import (
     PROTOCOLS,
     check_protocol,
@@ -56,23 +56,13 @@ from mil.evaluation import (
 )
 
 from .experiment import Experiment, FoldUnit, evaluation_dir, find_key, load_experiment
+from .instance_outputs import write_instance_outputs
 from .previews import save_png
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "EvaluateConfig",
-    "PROTOCOLS",
-    "run_evaluation",
-    "evaluate_command",
-    "evaluate_predictions",
-    "ensemble_predictions",
-    "format_table",
-    "parse_heatmaps",
-    "load_experiment",
-    "evaluation_dir",
-]
+__all__ = ["EvaluateConfig", "run_evaluation", "evaluate_command", "parse_heatmaps"]
 
 FORMAT_VERSION = 1
 
@@ -236,39 +226,6 @@ def _write_figures(out_dir: Path, metrics: dict, pred: pd.DataFrame, classes, ti
         save_png(out_dir / name, image)
 
 
-def _instance_outputs(ws: Workspace, out_dir: Path, rows: pd.DataFrame, chosen_from: pd.DataFrame, instance: dict,
-                      bags, features_dir: Path, manifest, *, spans, ensemble_of, group_of: dict, task: str, classes,
-                      model: str, n_heat: int | None, mode: str, cmap: str, k: int, tag: str) -> None:
-    """Per-slide instance-score HDF5 (every slide of ``rows``), QuPath GeoJSON, and heatmaps of the
-    ``n_heat`` slides of ``chosen_from`` ranked first (:mod:`pipeline.instance_outputs`)."""
-    from mil.data import find_bag
-
-    from . import instance_outputs as io
-
-    slides = io.collect_slides(rows, instance, bags.coords, task, classes, spans, ensemble_of)
-    cache: dict[str, dict] = {}
-
-    def geometry(sid: str, coords: np.ndarray) -> dict:
-        if sid not in cache:
-            cache[sid] = io.patch_geometry(find_bag(features_dir, sid), ws.coords_path(features_dir.name, sid),
-                                           sid, coords)
-        return cache[sid]
-
-    for sid, slide in slides.items():
-        if slide.coords is None or not len(slide.coords):
-            log.warning("instance scores of %s not written: the bag has no patch coordinates", sid)
-            continue
-        try:
-            io.write_instance_file(out_dir / "instance_scores" / f"{sid}.h5", slide, geometry(sid, slide.coords),
-                                   group_of, task, classes)
-        except PipelineError as exc:
-            log.warning("instance scores of %s not written: %s", sid, str(exc).splitlines()[0])
-    io.write_geojson_files(slides, out_dir, geometry)
-    if n_heat != 0:
-        io.draw_heatmaps(slides, io.heatmap_rows(chosen_from, n_heat, task, classes), out_dir, manifest, geometry,
-                         task=task, classes=classes, model=model, mode=mode, cmap=cmap, k=k, tag=tag)
-
-
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +344,7 @@ def run_evaluation(
         _write_outputs(run, base, metrics, pred, record)
         _write_figures(base, metrics, pred, classes, experiment)
         test_rows = pred[pred["split"] == "test"]
-        _instance_outputs(ws, base, test_rows, first_seed(test_rows), instance, bags, own_features, own_manifest,
+        write_instance_outputs(ws, base, test_rows, first_seed(test_rows), instance, bags, own_features, own_manifest,
                           spans=spans, ensemble_of=None, task=task, classes=classes, n_heat=n_heat, **run.heat)
         log.debug("\n%s", format_table(metrics))
         return base
@@ -473,7 +430,7 @@ def _evaluate_external(run: _Run, metrics: dict, manifest, features_dir: Path, o
     if ext.get("labelled"):
         _write_figures(out_dir, ext, pred, classes, f"{run.name} on {Path(manifest.path).stem}", ensemble=ens)
     ensemble_of = {sid: [(u.seed, u.fold) for u in run.exp.units] for sid in ens["slide_id"]}
-    _instance_outputs(run.ws, out_dir, pd.concat([pred, ens], ignore_index=True), ens, instance, bags, features_dir,
+    write_instance_outputs(run.ws, out_dir, pd.concat([pred, ens], ignore_index=True), ens, instance, bags, features_dir,
                       manifest, spans=None, ensemble_of=ensemble_of, task=task, classes=classes, n_heat=run.n_heat,
                       **run.heat)
     log.debug("\n%s", format_table(ext))

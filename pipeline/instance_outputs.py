@@ -32,10 +32,13 @@ import pandas as pd
 
 from extract.errors import BagError, ConfigError, PipelineError
 
+from .workspace import Workspace
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT_VERSION", "SlideInstances", "bag_weight", "weight_label", "collect_slides",
-           "write_instance_file", "patch_geometry", "heatmap_rows", "draw_heatmaps", "write_geojson_files"]
+           "write_instance_file", "patch_geometry", "heatmap_rows", "draw_heatmaps", "write_geojson_files",
+           "write_instance_outputs"]
 
 FORMAT_VERSION = 1
 
@@ -313,3 +316,39 @@ def write_geojson_files(slides: Mapping[str, SlideInstances], out_dir: Path,
                 instance[(seed, fold, sid)] = unit["raw"]
     return write_prediction_geojson(out_dir / "geojson", pd.DataFrame(rows), instance, coords.get,
                                     lambda sid, c: geometry_of(sid, c)["patch_size_level0"])
+
+
+def write_instance_outputs(ws: Workspace, out_dir: Path, rows: pd.DataFrame, chosen_from: pd.DataFrame,
+                           instance: dict, bags, features_dir: Path, manifest, *, spans, ensemble_of, group_of: dict,
+                           task: str, classes, model: str, n_heat: int | None, mode: str, cmap: str, k: int,
+                           tag: str) -> None:
+    """Everything ``evaluate`` writes per patch, under ``out_dir``: the instance-score HDF5 of every
+    slide of ``rows`` (prediction rows, one per model), the QuPath GeoJSON, and the heatmaps of the
+    ``n_heat`` (None = all) bags of ``chosen_from`` ranked first. The other arguments are those
+    of :func:`collect_slides` and :func:`draw_heatmaps`; ``group_of`` maps a model key to its
+    HDF5 group (its fold folder). Patch geometry comes from the bag or the segment stage's coords
+    file (``ws``); a slide that cannot be written is skipped with a warning."""
+    from mil.data import find_bag
+
+    slides = collect_slides(rows, instance, bags.coords, task, classes, spans, ensemble_of)
+    cache: dict[str, dict] = {}
+
+    def geometry(sid: str, coords: np.ndarray) -> dict:
+        if sid not in cache:
+            cache[sid] = patch_geometry(find_bag(features_dir, sid), ws.coords_path(features_dir.name, sid),
+                                           sid, coords)
+        return cache[sid]
+
+    for sid, slide in slides.items():
+        if slide.coords is None or not len(slide.coords):
+            log.warning("instance scores of %s not written: the bag has no patch coordinates", sid)
+            continue
+        try:
+            write_instance_file(out_dir / "instance_scores" / f"{sid}.h5", slide, geometry(sid, slide.coords),
+                                   group_of, task, classes)
+        except PipelineError as exc:
+            log.warning("instance scores of %s not written: %s", sid, str(exc).splitlines()[0])
+    write_geojson_files(slides, out_dir, geometry)
+    if n_heat != 0:
+        draw_heatmaps(slides, heatmap_rows(chosen_from, n_heat, task, classes), out_dir, manifest, geometry,
+                         task=task, classes=classes, model=model, mode=mode, cmap=cmap, k=k, tag=tag)

@@ -1,14 +1,16 @@
 """Bookkeeping cost per slide of the per-slide runner, at 1,000 and 30,000 trivial slides.
 
-    .venv/bin/python benchmarks/runner_bench.py [--sizes 1000 30000] [--resume 1000]
+    .venv/bin/python benchmarks/runner_bench.py [--sizes 1000 30000] [--repeats 3] [--no-fsync]
 
 Each "slide" writes a 3-row HDF5 file, so what is timed is everything the runner does around
-the work: fingerprint check, lock, temporary file, fingerprint stamp, fsync + rename, the
-slide's record, the log line, and the ``status.csv`` rebuilt at the end. Reports wall and CPU
-time per slide (all in, and without the time spent inside the work function), the ratio of the
-largest batch to the smallest (flat = 1.0), and the time to skip a batch of finished slides
-(a resume). The workspace lives in ``$WSI_BENCH_CACHE`` or the system temporary folder and is
-deleted afterwards.
+the work: fingerprint check, lock, temporary file, fingerprint stamp, the group commit (fsync of
+the outputs, rename, folder fsync, the record appended to the process's log and fsynced: see
+``pipeline.commit_group``), the log line, and the ``status.csv`` rebuilt at the end. Reports
+wall and CPU time per slide (all in, and without the time spent inside the work function) for
+every run with the load average before it, the median run per size, the ratio of the largest
+batch to the smallest (flat = 1.0), and the time to skip a batch of finished slides (a resume).
+The workspace lives in ``$WSI_BENCH_CACHE`` or the system temporary folder and is deleted
+afterwards.
 """
 
 from __future__ import annotations
@@ -74,9 +76,9 @@ def resume(root: Path) -> tuple[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 30000])
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each batch of <= 5,000 slides")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each batch size (the median is reported)")
     parser.add_argument("--no-fsync", dest="durable", action="store_false",
-                        help="commit without fsync (run_slides(durable=False)): the bookkeeping alone")
+                        help="commit without any fsync (run_slides(durable=False)), for comparison")
     args = parser.parse_args()
     print(f"outputs committed {'with' if args.durable else 'without'} fsync", flush=True)
 
@@ -84,22 +86,25 @@ def main() -> None:
     results = []
     try:
         for n in args.sizes:
-            # Small batches are repeated (median by wall time): a shared machine's load swings
-            # more over ten seconds than over ten minutes.
-            repeats = args.repeats if n <= 5000 else 1
             runs = []
-            for k in range(repeats):
+            for k in range(args.repeats):
                 root = base / f"n{n}-{k}"
-                runs.append(run_batch(root, n, args.durable))
+                load = os.getloadavg()[0]
+                r = run_batch(root, n, args.durable)
+                runs.append(r)
+                print(f"  {n} slides, run {k + 1}: {1e3 * r['wall'] / n:.2f} ms wall, {1e3 * r['cpu'] / n:.2f} ms CPU "
+                      f"per slide (load average {load:.1f} before)", flush=True)
                 if n == args.sizes[0] and k == 0:
                     skipped, seconds = resume(root)
                     print(f"  resume: {skipped} finished slides skipped in {seconds:.2f} s", flush=True)
                 shutil.rmtree(root, ignore_errors=True)
+            # The median run by wall time: a shared machine's load swings from run to run.
             r = sorted(runs, key=lambda x: x["wall"])[len(runs) // 2]
             results.append(r)
             print(f"{n:>7} slides: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU; per slide "
                   f"{1e3 * r['wall'] / n:.2f} ms wall ({1e3 * (r['wall'] - r['work']) / n:.2f} ms outside the work), "
-                  f"{1e3 * r['cpu'] / n:.2f} ms CPU" + (f" (median of {repeats})" if repeats > 1 else ""), flush=True)
+                  f"{1e3 * r['cpu'] / n:.2f} ms CPU" + (f" (median of {len(runs)})" if len(runs) > 1 else ""),
+                  flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     first, last = results[0], results[-1]

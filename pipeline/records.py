@@ -1,86 +1,177 @@
 """Per-slide outcome records and the ``status.csv`` aggregated from them.
 
-Each slide that ends a batch done, empty, failed or refused leaves one small JSON record,
-``<stage dir>/.records/<slide_id>.json``, written to a private name and renamed into place, so a
-reader sees the old record or the new one, never half of one, and writing it costs the same at
-the 30,000th slide as at the first. ``status.csv`` (one row per slide, for people and
-spreadsheets) is rebuilt from the records at the end of each batch; rows of an older
-``status.csv`` with no record (written before records existed) are kept.
+Each process appends the outcomes of the slides it finishes (done, empty, failed, refused) to
+its own log, ``<stage dir>/.records/<host>-<pid>-<start>.jsonl``: one JSON object per line, one
+file opened once, so a record costs one ``write`` (plus, in a durable batch, a share of one
+``fsync`` per group of slides) at the 30,000th slide as at the first. No two processes ever
+write to the same file, so appends need no lock, also on NFS.
+
+Reading merges every log (and the ``<slide_id>.json`` files of earlier versions): per slide, the
+record with the latest ``finished_time`` wins. A line that does not parse (the torn tail of a
+log whose writer was killed mid-write or lost power) is ignored; it can only be a process's
+last line, because a log is never appended to by another process afterwards.
+
+A record is bookkeeping, never the proof that a slide is done: that is the output file (it
+exists, opens and carries the fingerprint). The runner appends a 'done' record only after the
+output's data and name are durable (see :mod:`pipeline.commit_group`), so a record that
+survives a power loss never names an output that did not.
+
+``status.csv`` (one row per slide, for people and spreadsheets) is rebuilt from the records at
+the end of each batch; rows of an older ``status.csv`` with no record are kept.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
 STATUS_FIELDS = ("slide_id", "state", "seconds", "patches", "patches_per_s", "message", "host", "pid", "finished")
 RECORD_DIR = ".records"
+LOG_SUFFIX = ".jsonl"
 
 
 def _private_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make the names in ``folder`` (new, renamed, removed) durable; a no-op where folders cannot
+    be opened (some network filesystems), whose servers commit names synchronously."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class SlideRecords:
-    """The ``.records/`` folder of one stage output folder."""
+    """The ``.records/`` folder of one stage output folder: this process's log, and every log.
+
+    Thread-safe for writing (the runner's committer thread and its main thread share one log).
+    """
 
     def __init__(self, out_dir: Path):
         self.dir = Path(out_dir) / RECORD_DIR
+        self._log = None
+        self._write_lock = threading.Lock()
+        self._offsets: dict[str, int] = {}  # bytes of each log already read
+        self._index: dict[str, dict] = {}
 
-    def path(self, slide_id: str) -> Path:
-        return self.dir / f"{slide_id}.json"
+    # -- writing ----------------------------------------------------------------------------
+
+    def append(self, records: list[dict], durable: bool = False) -> None:
+        """Append ``records`` to this process's log in one write; with ``durable``, fsync it.
+
+        After the call the records are in the operating system (a kill -9 keeps them); with
+        ``durable`` they are on disk (a power loss keeps them).
+        """
+        if not records:
+            return
+        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        with self._write_lock:
+            if self._log is None:
+                self._open_log()
+            self._log.write(text)
+            self._log.flush()
+            if durable:
+                os.fsync(self._log.fileno())
 
     def write(self, record: dict) -> None:
-        """Atomically replace the record of ``record['slide_id']`` (no fsync: a record is
-        bookkeeping; the committed output file is what decides whether a slide is done)."""
-        final = self.path(record["slide_id"])
-        tmp = _private_name(final)
-        try:
-            tmp.write_text(json.dumps(record, separators=(",", ":")))
-        except FileNotFoundError:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(record, separators=(",", ":")))
-        os.replace(tmp, final)
+        """Append one record (not fsynced)."""
+        self.append([record])
 
-    def get(self, slide_id: str) -> dict | None:
-        try:
-            return json.loads(self.path(slide_id).read_text())
-        except (OSError, ValueError):
-            return None
+    def _open_log(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns():x}{LOG_SUFFIX}"
+        self._log = open(self.dir / name, "a", encoding="utf-8")
+        # The new name itself must survive a power loss for the log's fsyncs to mean anything.
+        fsync_dir(self.dir)
+        fsync_dir(self.dir.parent)
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+    # -- reading ----------------------------------------------------------------------------
 
     def all(self) -> dict[str, dict]:
-        """Every readable record by slide id (one directory scan; killed writers' temps ignored)."""
-        out: dict[str, dict] = {}
+        """Every readable record by slide id, the latest per slide (reads only what is new
+        since this object's last read)."""
+        self._refresh()
+        return dict(self._index)
+
+    def get(self, slide_id: str) -> dict | None:
+        record = self._index.get(slide_id)
+        if record is None:
+            self._refresh()
+            record = self._index.get(slide_id)
+        return record
+
+    def _keep(self, record: object, fallback_id: str | None = None) -> None:
+        if not isinstance(record, dict):
+            return
+        sid = record.get("slide_id", fallback_id)
+        if sid is None:
+            return
+        old = self._index.get(sid)
+        if old is None or _when(record) >= _when(old):
+            self._index[sid] = record
+
+    def _refresh(self) -> None:
         try:
             entries = list(os.scandir(self.dir))
         except FileNotFoundError:
-            return out
+            return
         for entry in entries:
-            if entry.name.startswith(".") or not entry.name.endswith(".json"):
-                continue
-            try:
-                with open(entry.path) as f:
-                    record = json.load(f)
-            except (OSError, ValueError):
-                continue
-            out[record.get("slide_id", entry.name[:-5])] = record
-        return out
+            name = entry.name
+            if name.startswith("."):
+                continue  # a killed writer's temporary file (earlier versions)
+            if name.endswith(LOG_SUFFIX):
+                self._read_log(entry.path, name)
+            elif name.endswith(".json") and name not in self._offsets:
+                # One file per slide, written by earlier versions; never rewritten now.
+                self._offsets[name] = 0
+                try:
+                    with open(entry.path, encoding="utf-8") as f:
+                        self._keep(json.load(f), name[:-5])
+                except (OSError, ValueError):
+                    continue
 
-    def remove_leftovers(self, max_age_s: float = 3600.0) -> None:
-        """Delete private files of killed writers (a live writer renames its own within ms)."""
-        now = time.time()
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.dir):
-                if entry.name.startswith(".") and ".tmp-" in entry.name:
-                    with contextlib.suppress(OSError):
-                        if now - entry.stat().st_mtime > max_age_s:
-                            os.unlink(entry.path)
+    def _read_log(self, path: str, name: str) -> None:
+        start = self._offsets.get(name, 0)
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read()
+        except OSError:
+            return
+        # Only whole lines: a line still being written is read next time; a torn line that
+        # stays the last one forever (its writer died) is never consumed, never parsed.
+        end = data.rfind(b"\n") + 1
+        self._offsets[name] = start + end
+        for line in data[:end].splitlines():
+            try:
+                self._keep(json.loads(line))
+            except ValueError:
+                continue  # bytes a power loss left where a line was being written
+
+
+def _when(record: dict) -> float:
+    value = record.get("finished_time")
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def csv_row(record: dict) -> dict:

@@ -11,10 +11,12 @@ batch: each slide is claimed with an ``O_CREAT | O_EXCL`` lock file that names i
 start time (and its Slurm job), and a lock whose process is dead (same host), whose Slurm job is
 no longer running, or that is older than ``stale_lock_s`` (other hosts) is taken over.
 
-Bookkeeping costs the same per slide at 30,000 slides as at 10: each slide's outcome is its own
-small record (``<dir>/.records/<slide_id>.json``, written atomically), and the human-readable
-``status.csv`` is aggregated from the records once, at the end of a batch (and by
-``wsi-pipeline status``), never rewritten per slide.
+Bookkeeping costs the same per slide at 30,000 slides as at 10: each slide's outcome is one line
+appended to this process's record log (``<dir>/.records/*.jsonl``, see :mod:`pipeline.records`),
+finished outputs are made durable in groups by a committer thread (see
+:mod:`pipeline.commit_group`, which states what kill -9 and power loss each leave), and the
+human-readable ``status.csv`` is aggregated from the records once, at the end of a batch (and
+by ``wsi-pipeline status``), never rewritten per slide.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from extract.errors import ConfigError, PipelineError
 
 from .os_errors import describe_os_error, workspace_problem
 from .records import STATUS_FIELDS, SlideRecords, StatusFile
-from .scheduler import current_job, job_running
+from .scheduler import current_job, earlier_run_of_this_job, job_running
 
 log = logging.getLogger(__name__)
 
@@ -232,20 +234,37 @@ def lock_info() -> dict:
 def holder_is_gone(info: dict, age_s: float, stale_lock_s: float) -> bool:
     """Whether the process that wrote lock ``info`` (``age_s`` old) can no longer be working.
 
-    Same host: its pid is dead. A Slurm job: the scheduler says it no longer runs, or it is this
-    very job and array task (a requeued task meeting its own pre-empted self). Otherwise: older
-    than ``stale_lock_s``.
+    Same host: its pid is dead, or it was written before this machine last booted (a power loss
+    may hand its pid to another process). A Slurm job: it is an earlier run of this very job or
+    array task (requeued since: SLURM_RESTART_COUNT), or the scheduler says it no longer runs.
+    Otherwise: older than ``stale_lock_s``.
     """
-    if info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", -1))):
+    here = info.get("host") == socket.gethostname()
+    if here and (not pid_alive(int(info.get("pid", -1))) or float(info.get("time") or 0) < boot_time()):
         return True
     if info.get("job"):
-        mine = current_job()
-        if mine and mine.get("job") == info["job"] and mine.get("job_id") == info.get("job_id") \
-                and info.get("host") != socket.gethostname():
+        if earlier_run_of_this_job(info):
             return True
-        if info.get("host") != socket.gethostname() and job_running(str(info["job"])) is False:
+        if not here and job_running(str(info["job"])) is False:
             return True
-    return info.get("host") != socket.gethostname() and age_s > stale_lock_s
+    return not here and age_s > stale_lock_s
+
+
+def boot_time() -> float:
+    """When this machine last booted (Unix time; 0 where unknown)."""
+    global _BOOT_TIME
+    if _BOOT_TIME is None:
+        _BOOT_TIME = 0.0
+        with contextlib.suppress(OSError, ValueError):
+            with open("/proc/stat") as f:
+                for line in f:
+                    if line.startswith("btime "):
+                        _BOOT_TIME = float(line.split()[1])
+                        break
+    return _BOOT_TIME
+
+
+_BOOT_TIME: float | None = None
 
 
 class SlideLock:
@@ -379,15 +398,20 @@ def run_slides(
     overwrite : redo slides whose outputs were made with other parameters.
     stale_lock_s : age after which another host's lock is taken over when neither its process
         nor its Slurm job can be checked.
-    durable : fsync each output before its rename (see :func:`commit`); costs one disk flush
-        per slide (~5-9 ms on a virtual disk), negligible next to real slides.
+    durable : outputs, their names and their records are fsynced before a slide counts as
+        done (in groups, by :class:`~pipeline.commit_group.GroupCommitter`, which states what a
+        kill -9 and a power loss each leave); ``False`` skips the flushes (a kill -9 still
+        leaves nothing half-written; a power loss may cost the last slides, which are redone).
     manifest : the manifest the rows come from, remembered in ``<out_dir>/manifest.json`` so
         that ``wsi-pipeline status`` can count the slides still pending.
 
-    Each finished slide costs a constant amount of bookkeeping (its lock and one record);
-    ``status.csv`` is rebuilt once, when the batch ends (also after Ctrl-C).
+    Each finished slide costs a constant amount of bookkeeping (its lock, one appended record,
+    a share of one group flush); ``status.csv`` is rebuilt once, when the batch ends (also after
+    Ctrl-C, once the slides already finished are committed).
     """
     from tqdm.auto import tqdm
+
+    from .commit_group import Finished, GroupCommitter
 
     rows = list(rows)
     records = SlideRecords(out_dir)
@@ -401,20 +425,36 @@ def run_slides(
     # there, one log line per slide tells how far an overnight batch got.
     interactive = progress and sys.stderr.isatty()
     bar = tqdm(rows, desc=stage, unit="slide", disable=not interactive, dynamic_ncols=True)
+
+    def report(status: SlideStatus) -> None:
+        summary.add(status)
+        rate = f", {status.patches} patches ({status.patches_per_s:.1f}/s)" if status.patches_per_s else ""
+        log.log(logging.DEBUG if interactive else logging.INFO, "%s [%d/%d] %s: %s in %.1f s%s",
+                stage, len(summary.statuses), len(rows), status.slide_id, status.state, status.seconds, rate)
+
+    def fatal(exc: BaseException) -> PipelineError:
+        return PipelineError(f"{stage} stopped: {describe_os_error(exc) if isinstance(exc, OSError) else exc}")
+
+    committer = GroupCommitter(records, durable, fail=_commit_failed, fatal=lambda e: bool(workspace_problem(e)))
     try:
-        for i, row in enumerate(bar, 1):
+        for row in bar:
             try:
-                status = _one_slide(stage, row, output_path(row), fingerprint_value, work, overwrite,
-                                    lock_dir, stale_lock_s, records, leftovers, durable)
+                result = _one_slide(stage, row, output_path(row), fingerprint_value, work, overwrite,
+                                    lock_dir, stale_lock_s, records, leftovers)
             except OSError as exc:  # outside the slide's own try (its lock, its name): still only this slide
                 if workspace_problem(exc):
                     raise PipelineError(f"{stage} stopped at {row.slide_id}: {describe_os_error(exc)}") from exc
-                status = SlideStatus(row.slide_id, "failed", 0.0, describe_os_error(exc))
-                log.warning("%s %s failed: %s", stage, row.slide_id, status.message)
-            summary.add(status)
-            rate = f", {status.patches} patches ({status.patches_per_s:.1f}/s)" if status.patches_per_s else ""
-            log.log(logging.DEBUG if interactive else logging.INFO, "%s [%d/%d] %s: %s in %.1f s%s",
-                    stage, i, len(rows), row.slide_id, status.state, status.seconds, rate)
+                result = SlideStatus(row.slide_id, "failed", 0.0, describe_os_error(exc))
+                log.warning("%s %s failed: %s", stage, row.slide_id, result.message)
+            if isinstance(result, Finished):
+                try:
+                    committer.submit(result)
+                except OSError as exc:
+                    raise fatal(exc) from exc
+            else:
+                report(result)
+            for status in committer.results():
+                report(status)
             if interactive:
                 bar.set_postfix_str(
                     " ".join(f"{s}={summary.count(s)}" for s in ("done", "skipped", "empty", "failed")
@@ -422,14 +462,27 @@ def run_slides(
                     refresh=False,
                 )
     finally:
-        if summary.count("done") + summary.count("degraded") + summary.count("empty") + summary.count("failed") \
-                + summary.count("refused"):
-            try:
-                StatusFile(out_dir / "status.csv").rebuild(records)
-            except OSError as exc:  # e.g. the full disk that stopped the batch: keep its message
-                log.warning("status.csv not rebuilt: %s", describe_os_error(exc))
+        try:
+            for status in committer.close():
+                report(status)
+        except OSError as exc:
+            raise fatal(exc) from exc
+        finally:
+            if summary.count("done") + summary.count("degraded") + summary.count("empty") \
+                    + summary.count("failed") + summary.count("refused"):
+                try:
+                    StatusFile(out_dir / "status.csv").rebuild(records)
+                except OSError as exc:  # e.g. the full disk that stopped the batch: keep its message
+                    log.warning("status.csv not rebuilt: %s", describe_os_error(exc))
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _commit_failed(item, exc: BaseException) -> SlideStatus:
+    """The status of a slide whose output could not be flushed or renamed into place."""
+    message = describe_os_error(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+    log.warning("%s could not be committed: %s", item.slide_id, message)
+    return SlideStatus(item.slide_id, "failed", item.status.seconds, message)
 
 
 def _remember_manifest(out_dir: Path, manifest: Path) -> None:
@@ -462,7 +515,12 @@ def _record(status: SlideStatus, started: float) -> dict:
 
 
 def _one_slide(stage, row, final: Path, fingerprint_value, work, overwrite, lock_dir,
-               stale_lock_s, records: SlideRecords, leftovers: _Leftovers, durable: bool = True) -> SlideStatus:
+               stale_lock_s, records: SlideRecords, leftovers: _Leftovers):
+    """One slide up to its committed-or-not outcome: a final :class:`SlideStatus`, or a
+    :class:`~pipeline.commit_group.Finished` slide (complete temporary file, lock held) for the
+    committer."""
+    from .commit_group import Finished
+
     sid = row.slide_id
     started = time.time()
     existing = read_fingerprint(final)
@@ -481,7 +539,7 @@ def _one_slide(stage, row, final: Path, fingerprint_value, work, overwrite, lock
         return SlideStatus(sid, "locked", message="another process is working on it")
     tmp = temp_path_for(final)
     t0 = time.perf_counter()
-    status = None
+    status = finished = None
     try:
         # Another process may have finished it between our check and our lock.
         if read_fingerprint(final) == fingerprint_value and not overwrite:
@@ -493,9 +551,10 @@ def _one_slide(stage, row, final: Path, fingerprint_value, work, overwrite, lock
         if not tmp.is_file():
             raise PipelineError(f"internal error: the {stage} step wrote no output for {sid}")
         stamp_fingerprint(tmp, fingerprint_value, stage)
-        commit(tmp, final, durable)
-        status = SlideStatus(sid, outcome.state, time.perf_counter() - t0, outcome.message, outcome.patches,
-                             dict(outcome.extra))
+        done = SlideStatus(sid, outcome.state, time.perf_counter() - t0, outcome.message, outcome.patches,
+                           dict(outcome.extra))
+        finished = Finished(sid, tmp, final, lock.release, done, lambda st: _record(st, started))
+        return finished
     except KeyboardInterrupt:
         tmp.unlink(missing_ok=True)
         lock.release()
@@ -511,10 +570,11 @@ def _one_slide(stage, row, final: Path, fingerprint_value, work, overwrite, lock
         log.warning("%s %s failed unexpectedly: %s", stage, sid, exc)
         log.debug("%s", traceback.format_exc())
     finally:
-        tmp.unlink(missing_ok=True)
-        # The record is written while the lock is still held, so `status` never sees a slide
-        # with neither a live lock nor its outcome.
-        if status is not None:
-            records.write(_record(status, started))
-        lock.release()
+        if finished is None:  # the committer owns a finished slide's file and lock
+            tmp.unlink(missing_ok=True)
+            # The record is written while the lock is still held, so `status` never sees a
+            # slide with neither a live lock nor its outcome.
+            if status is not None:
+                records.write(_record(status, started))
+            lock.release()
     return status

@@ -24,17 +24,42 @@ _CACHE_S = 30.0  # one squeue call per job and half-minute, however many of its 
 
 
 def current_job() -> dict:
-    """This process's Slurm identity: {'job': '123_4', 'job_id': '130'} or {} outside Slurm.
+    """This process's Slurm identity: {'job': '123_4', 'job_id': '130', 'restart': 1} or {}
+    outside Slurm.
 
     ``job`` is how squeue names it (``<array job>_<task>`` for an array task, else the job id);
-    ``job_id`` is the unique SLURM_JOB_ID of this allocation.
+    ``job_id`` is the SLURM_JOB_ID of this allocation, which a requeued job keeps;
+    ``restart`` is SLURM_RESTART_COUNT, which Slurm sets (1, 2, ...) once a job has been
+    requeued, after a pre-emption, a node failure or submitit's requeue at the time limit.
     """
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
         return {}
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     name = f"{array}_{task}" if array and task else job_id
-    return {"job": name, "job_id": job_id}
+    out = {"job": name, "job_id": job_id}
+    restart = os.environ.get("SLURM_RESTART_COUNT", "").strip()
+    if restart.isdigit():
+        out["restart"] = int(restart)
+    return out
+
+
+def earlier_run_of_this_job(info: dict) -> bool:
+    """Whether lock ``info`` was left by an earlier run of this very Slurm job (or array task),
+    i.e. before it was requeued: same job, lower SLURM_RESTART_COUNT (unset counts as 0).
+
+    That run's processes are gone, wherever they ran, so its locks can be taken over at once.
+    Processes of the same run (a job over several nodes, or several GPUs' processes) share the
+    job and the count, and never take each other's locks this way.
+    """
+    mine = current_job()
+    if not mine or info.get("job") != mine["job"] or str(info.get("job_id")) != mine["job_id"]:
+        return False
+    try:
+        theirs = int(info.get("restart") or 0)
+    except (TypeError, ValueError):
+        return False
+    return theirs < mine.get("restart", 0)
 
 
 def job_label(info: dict) -> str:

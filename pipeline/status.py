@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .records import SlideRecords
-from .runner import pid_alive
+from .runner import boot_time, pid_alive
 from .scheduler import job_label, job_running
 
 # A lock older than this on another host, whose job Slurm cannot vouch for, is shown as stale
@@ -71,7 +71,7 @@ def read_locks(lock_dir: Path, stale_lock_s: float = STALE_LOCK_S) -> tuple[list
             continue
         alive: bool | None
         if info.get("host") == here:
-            alive = pid_alive(int(info.get("pid", -1)))
+            alive = pid_alive(int(info.get("pid", -1))) and float(info.get("time") or 0) >= boot_time()
         elif info.get("job"):
             alive = job_running(str(info["job"]))
         else:

@@ -15,7 +15,7 @@ import pytest
 
 from extract.errors import SlideError
 from pipeline.cli import main
-from pipeline.runner import SlideOutcome, StatusFile, run_slides
+from pipeline.runner import SlideOutcome, SlideRecords, StatusFile, run_slides
 from pipeline.status import format_status, workspace_status
 
 
@@ -46,13 +46,30 @@ def test_each_slide_has_its_own_record_and_status_csv_is_rebuilt_from_them(tmp_p
     summary = run(tmp_path, [Row(f"s{i}") for i in range(4)],
                   work=lambda r, t: (_ for _ in ()).throw(SlideError("unreadable")) if r.slide_id == "s2" else ok_work(r, t))
     assert summary.count("done") == 3 and summary.count("failed") == 1
-    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / ".records").glob("*.json")}
+    (log,) = (tmp_path / ".records").glob("*.jsonl")  # one append-only log for this process
+    assert log.name.startswith(f"{socket.gethostname()}-{os.getpid()}-")
+    records = {r["slide_id"]: r for r in map(json.loads, log.read_text().splitlines())}
     assert sorted(records) == ["s0", "s1", "s2", "s3"]
     assert records["s2"]["state"] == "failed" and records["s2"]["message"] == "unreadable"
     assert records["s0"]["pid"] == os.getpid() and records["s0"]["patches"] == 3
     rows = StatusFile(tmp_path / "status.csv").read()
     assert sorted(rows) == ["old", "s0", "s1", "s2", "s3"]
     assert rows["s2"]["state"] == "failed" and rows["old"]["patches"] == "5"
+
+
+def test_records_merge_logs_latest_wins_and_a_torn_last_line_is_ignored(tmp_path):
+    run(tmp_path, [Row("s0")], work=lambda r, t: (_ for _ in ()).throw(SlideError("unreadable")))
+    run(tmp_path, [Row("s0"), Row("s1")])  # a later process redoes s0
+    logs = sorted((tmp_path / ".records").glob("*.jsonl"))
+    assert len(logs) == 2
+    # a power loss mid-append: half a line, then the zeros the disk kept of the rest
+    with open(logs[0], "ab") as f:
+        f.write(b'{"slide_id":"s1","state":"fai' + b"\0" * 20)
+    # a record from an earlier version (one JSON file per slide) is still read
+    (tmp_path / ".records" / "old.json").write_text(json.dumps({"slide_id": "old", "state": "empty"}))
+    records = SlideRecords(tmp_path).all()
+    assert {sid: r["state"] for sid, r in records.items()} == {"s0": "done", "s1": "done", "old": "empty"}
+    assert StatusFile(tmp_path / "status.csv").read()["s0"]["state"] == "done"
 
 
 def test_an_interrupted_batch_still_leaves_a_complete_status_csv(tmp_path):
@@ -78,15 +95,15 @@ case "$job" in
   703_1) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1 ;;
   704_1) echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1 ;;
   705_1) echo PENDING ;;                  # requeued: no process holds its old locks
-  706_1) echo RUNNING ;;                  # that is this very task, requeued
+  706_1) echo RUNNING ;;                  # this very task (siblings, or its requeued self)
 esac
 """
 
 
-def _foreign_lock(root: Path, slide: str, job: str, job_id: str) -> None:
+def _foreign_lock(root: Path, slide: str, job: str, job_id: str, **more) -> None:
     (root / ".locks").mkdir(parents=True, exist_ok=True)
     (root / ".locks" / f"{slide}.lock").write_text(json.dumps(
-        {"host": "node-elsewhere", "pid": 4242, "time": time.time(), "job": job, "job_id": job_id}))
+        {"host": "node-elsewhere", "pid": 4242, "time": time.time(), "job": job, "job_id": job_id, **more}))
 
 
 def test_a_lock_whose_slurm_job_is_gone_is_taken_over_at_once(tmp_path, monkeypatch):
@@ -95,7 +112,7 @@ def test_a_lock_whose_slurm_job_is_gone_is_taken_over_at_once(tmp_path, monkeypa
     (bin_dir / "squeue").write_text(FAKE_SQUEUE)
     (bin_dir / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
     root = tmp_path / "ws"
     for i, job in enumerate(["701_1", "702_1", "703_1", "704_1", "705_1"]):
@@ -111,15 +128,30 @@ def test_a_lock_whose_slurm_job_is_gone_is_taken_over_at_once(tmp_path, monkeypa
     assert calls == ["s0", "s2", "s4"]
     assert summary.count("locked") == 2
 
-    # a requeued array task meets the lock of its own pre-empted run on another node
+    # the same array task, same run, on another node (squeue: RUNNING): a live sibling, left alone
     _foreign_lock(root, "s5", "706_1", "1706")
     monkeypatch.setenv("SLURM_JOB_ID", "1706")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "706")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert run(root, [Row("s5")], work=work).count("locked") == 1
+    # requeued (Slurm sets SLURM_RESTART_COUNT=1): the lock is its own pre-empted run's, taken at once
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     summary = run(root, [Row("s5")], work=work)
     assert calls[-1] == "s5" and summary.count("done") == 1
-    record = json.loads((root / ".records" / "s5.json").read_text())
-    assert record["job"] == "706_1" and record["job_id"] == "1706"
+    record = SlideRecords(root).get("s5")
+    assert (record["job"], record["job_id"], record["restart"]) == ("706_1", "1706", 1)
+    # a lock of the requeued run itself (same count) is not taken over by its siblings
+    _foreign_lock(root, "s6", "706_1", "1706", restart=1)
+    assert run(root, [Row("s6")], work=work).count("locked") == 1
+
+
+def test_a_lock_from_before_this_machine_booted_is_taken_over_even_if_its_pid_now_lives(tmp_path):
+    # after a power loss the pid in a lock may belong to an unrelated new process (here: us)
+    (tmp_path / ".locks").mkdir()
+    (tmp_path / ".locks" / "s0.lock").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "time": 1.0}))
+    assert run(tmp_path, [Row("s0")]).count("done") == 1
 
 
 # -- status of a workspace mid-run -----------------------------------------------------------------
@@ -154,7 +186,11 @@ def test_status_mid_run_shows_running_done_failed_and_pending(tmp_path, capsys):
         while not lock.exists() and time.time() < deadline:
             time.sleep(0.02)
         assert lock.exists()
+        # s0 and s2 are committed by the runner's committer thread while s3 is being worked on
         (st,) = workspace_status(ws)
+        while st.done < 2 and time.time() < deadline:
+            time.sleep(0.02)
+            (st,) = workspace_status(ws)
         assert (st.stage, st.output, st.total) == ("segment", "t1", 6)
         assert (st.done, st.failed, st.running, st.pending) == (2, 1, 1, 2)
         assert [(h.item, h.pid, h.host) for h in st.holders] == [("s3", proc.pid, socket.gethostname())]

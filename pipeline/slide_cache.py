@@ -14,18 +14,26 @@ one larger than the budget.
 A copy is trusted only while it matches its source: same size, and its modification time set
 to the source's at copy time (a source modified during the copy, or later, is copied again).
 Copies are written to a private name and renamed into place, so a reader never sees half a
-copy. Give each process its own cache folder (e.g. ``$TMPDIR`` of a Slurm task): eviction knows
-which copies this process is reading, not which ones another process is.
+copy.
+
+Processes never share copies: eviction knows which copies this process is reading, not which
+ones another process is. Each process claims the first free slot ``DIR/slot-<k>/`` (k = 0, 1,
+...) by an exclusive ``flock`` on ``DIR/.slot-<k>.lock``, held until it closes the cache (the
+kernel drops it when the process dies, kill -9 included), so ``extract --devices 0,1``, or two
+array tasks on one node, use two folders, and the next run finds its copies again in slot 0.
+The budget ``N`` is per process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
+import socket
 import stat
 import threading
 import time
@@ -64,15 +72,16 @@ class SlideCache:
             raise ConfigError(f"The '--cache-gb' parameter must be > 0. Got {max_gb} instead.")
         if ahead < 1:
             raise ConfigError(f"The cache's look-ahead must be >= 1 slide. Got {ahead} instead.")
-        self.dir = Path(cache_dir).expanduser().resolve()
+        self.root = Path(cache_dir).expanduser().resolve()
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.dir, self._slot_fd = claim_slot(self.root)
         except OSError as exc:
             raise ConfigError(f"--cache-dir {cache_dir}: cannot create it ({exc.strerror})") from exc
         self.max_bytes = int(max_gb * 1024 ** 3)
         self.ahead = ahead
         self._copy = copy
-        self._device = os.stat(self.dir).st_dev
+        self._device = os.stat(self.root).st_dev
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-cache")
         self._pending: dict[Path, Future] = {}
         self._in_use: set[str] = set()
@@ -212,6 +221,9 @@ class SlideCache:
         self._pool.shutdown(wait=True, cancel_futures=True)
         for tmp in self.dir.glob(f".*.part-{os.getpid()}-*"):
             tmp.unlink(missing_ok=True)
+        if self._slot_fd is not None:
+            os.close(self._slot_fd)  # frees the slot for the next process
+            self._slot_fd = None
 
     def summary(self) -> str:
         return (f"slide cache {self.dir}: {self.hits} slide(s) prefetched or already there, {self.misses} "
@@ -241,6 +253,28 @@ class SlideCache:
                 self.release(local)
 
         return cached_work
+
+
+def claim_slot(root: Path, slots: int = 256) -> tuple[Path, int | None]:
+    """This process's own folder under ``root``: the first ``slot-<k>`` whose lock file no other
+    open file holds; returns (folder, fd holding the lock). Where ``flock`` is not supported,
+    a folder named after this host and pid (not reused by later runs)."""
+    for k in range(slots):
+        fd = os.open(root / f".slot-{k}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        except OSError:
+            os.close(fd)
+            break
+        folder = root / f"slot-{k}"
+        folder.mkdir(exist_ok=True)
+        return folder, fd
+    folder = root / f"proc-{socket.gethostname()}-{os.getpid()}"
+    folder.mkdir(exist_ok=True)
+    return folder, None
 
 
 @contextlib.contextmanager

@@ -153,10 +153,9 @@ def _rate(records: list[dict]) -> float | None:
 
 
 def train_status(exp_dir: Path) -> StageStatus:
-    """Folds (and seeds) of one experiment: done, failed (summary.csv), running (locks), pending."""
-    import csv
-
+    """Folds (and seeds) of one experiment: done, failed (records), running (locks), pending."""
     from .experiment import experiment_runs
+    from .train_summary import run_key, summary_rows
 
     label = exp_dir.name
     try:
@@ -165,17 +164,12 @@ def train_status(exp_dir: Path) -> StageStatus:
         return StageStatus("train", label, None, note="no splits.csv yet")
     live, stale = read_locks(exp_dir / ".locks")
     running = {h.item for h in live}
-    failed: dict[str, str] = {}
-    summary = exp_dir / "summary.csv"
-    if summary.is_file():
-        with open(summary, newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("status") == "failed":
-                    failed[f"seed{row['seed']}_fold{row['fold']}"] = row.get("message", "").strip('"')
+    # from every train process's records (summary.csv may predate the last fold's outcome)
+    failed = {run_key(r["seed"], r["fold"]): r["message"] for r in summary_rows(exp_dir) if r["status"] == "failed"}
     st = StageStatus("train", label, len(runs), holders=live, stale=stale)
     finished = []
     for run in runs:
-        key = f"seed{run['seed']}_fold{run['fold']}"
+        key = run_key(run["seed"], run["fold"])
         if run["done"]:
             st.done += 1
             finished.append((run["dir"] / "done.json").stat().st_mtime)

@@ -285,6 +285,7 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
 
     from .manifest import load_manifest
     from .runner import SlideLock
+    from .train_summary import rebuild_summary, record_outcomes, run_key
 
     ws = Workspace(workspace)
     if manifest_path is None:
@@ -354,7 +355,7 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
             for seed, k, split in bar:
                 fold_dir = run_dir(ws, experiment, k, seed, multi_seed)
                 bar.set_postfix_str(f"seed {seed} fold {k}", refresh=True)
-                lock = SlideLock(exp_dir / ".locks", f"seed{seed}_fold{k}", stale_lock_s=24 * 3600)
+                lock = SlideLock(exp_dir / ".locks", run_key(seed, k), stale_lock_s=24 * 3600)
                 if not lock.acquire():
                     outcomes.append(RunOutcome(seed, k, fold_dir, "locked",
                                                message="another live process is training it"))
@@ -367,6 +368,7 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
                     if on_epoch_end is not None:
                         on_epoch_end(d, epoch, row)
 
+                tried = len(outcomes)
                 try:
                     res = train_fold(bags, split, config, fold_dir, resume=bool(resume), targets=targets,
                                      seed=seed, fold=k, on_epoch_end=epoch_done)
@@ -376,11 +378,13 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
                     log.error("fold %d seed %d failed: %s", k, seed, exc)
                     outcomes.append(RunOutcome(seed, k, fold_dir, "failed", message=str(exc).splitlines()[0]))
                 finally:
+                    # recorded before the lock goes: a fold is never seen unheld and unrecorded
+                    record_outcomes(exp_dir, outcomes[tried:])
                     lock.release()
     finally:
         root.removeHandler(file_log)
         file_log.close()
-    _write_summary(exp_dir / "summary.csv", outcomes)
+    rebuild_summary(exp_dir)  # every process's folds, not only this one's
     return exp_dir, outcomes, time.perf_counter() - start
 
 
@@ -388,17 +392,6 @@ def _oom_error():
     import torch
 
     return getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError", MemoryError))
-
-
-def _write_summary(path: Path, outcomes: Sequence[RunOutcome]) -> None:
-    fields = ("seed", "fold", "status", "best_epoch", "metric", "value", "seconds_per_epoch", "dir", "message")
-    lines = [",".join(fields)]
-    for o in outcomes:
-        d = dataclasses.asdict(o)
-        d["dir"] = str(o.dir.relative_to(path.parent)) if o.dir.is_relative_to(path.parent) else str(o.dir)
-        d["message"] = json.dumps(o.message) if o.message else ""
-        lines.append(",".join("" if d[f] is None else str(d[f]) for f in fields))
-    _write_text(path, "\n".join(lines) + "\n")
 
 
 def run_training(manifest_path, workspace, features_dir, train_config, experiment: str, resume: bool = False,

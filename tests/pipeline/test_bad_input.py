@@ -20,6 +20,9 @@ from pipeline.os_errors import workspace_problem
 from pipeline.runner import SlideOutcome, run_slides
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def status(folder: Path) -> dict:
     with open(folder / "status.csv") as f:
         return {r["slide_id"]: r for r in csv.DictReader(f)}
@@ -89,16 +92,54 @@ def test_a_workspace_whose_log_cannot_be_written_still_serves(tmp_path, caplog):
     assert "no log file: cannot write" in caplog.text
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes through file permissions")
-def test_a_read_only_workspace_is_reported_in_one_line(tmp_path, capsys):
+def _without_root_override(probe: Path) -> tuple[list[str] | None, str]:
+    """A command prefix under which file permissions hold, or (None, why there is none).
+
+    Root writes through file permissions, so as root the CLI runs under ``setpriv``: first as
+    root without the capabilities that override them (dac_override, dac_read_search, fowner:
+    a 0555 folder owned by root is then read-only to it, and the interpreter stays readable
+    wherever it lives), else as uid/gid 65534. Each is tried on ``probe`` (a 0555 folder that it
+    must be able to read but not write).
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        return [], ""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None, "running as root, and setpriv (util-linux) is not installed to give up root's file access"
+    why = []
+    for prefix in ([setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner"],
+                   [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]):
+        done = subprocess.run([*prefix, sys.executable, "-c", f"import os, pipeline.cli; os.listdir({str(probe)!r}); os.mkdir({str(probe / 'x')!r})"],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd="/")
+        if done.returncode != 0 and "PermissionError" in done.stderr:
+            return prefix, ""
+        why.append(f"`{' '.join(prefix[1:])}`: " + (done.stderr.strip().splitlines() or ["could write"])[-1])
+    return None, "running as root and no way to give up root's file access: " + "; ".join(why)
+
+
+def test_a_read_only_workspace_is_reported_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
     ws = tmp_path / "ws"
     (ws / "experiments").mkdir(parents=True)
     ws.chmod(0o555)
     try:
-        code = main(["evaluate", "--workspace", str(ws), "--experiment", "nope"])
+        prefix, why = _without_root_override(ws)
+        if prefix is None:
+            pytest.skip(why)
+        done = subprocess.run([*prefix, sys.executable, "-m", "pipeline.cli", "evaluate", "--workspace", str(ws),
+                               "--experiment", "nope"], capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     finally:
         ws.chmod(0o755)
-    assert code == 2 and "Traceback" not in capsys.readouterr().err
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"cannot write {ws / 'logs'} (Permission denied)" in done.stderr
+    assert not (ws / "logs").exists()
 
 
 def test_mpp_outside_the_sane_range_is_refused_up_front(cohort, tmp_path, capsys):

@@ -42,7 +42,7 @@ def test_segment_and_extract_with_the_cache_read_verified_copies_and_write_the_s
                  "--cache-gb", "1"]) == 0
     out = capsys.readouterr().out
     assert "3 slide(s) prefetched or already there, 1 copied on demand, 4 copies made" in out
-    copies = {p.name.split("-", 1)[1]: p for p in other_fs.iterdir()}
+    copies = {p.name.split("-", 1)[1]: p for p in (other_fs / "slot-0").iterdir()}
     for src in slides(cohort):
         copy = copies[src.name]
         assert copy.stat().st_size == src.stat().st_size and copy.stat().st_mtime_ns == src.stat().st_mtime_ns
@@ -76,16 +76,36 @@ def test_lru_eviction_keeps_the_copies_within_budget(other_fs, cohort):
             local = cache.acquire(src)
             assert local != src and local.read_bytes() == src.read_bytes()
             cache.release(local)
-        kept = sorted(p.name.split("-", 1)[1] for p in other_fs.iterdir())
+        kept = sorted(p.name.split("-", 1)[1] for p in cache.dir.iterdir())
         assert kept == [p.name for p in paths[-2:]]  # the two used last
-        assert sum(p.stat().st_size for p in other_fs.iterdir()) <= 2.5 * size
+        assert sum(p.stat().st_size for p in cache.dir.iterdir()) <= 2.5 * size
         # using the oldest copy again makes it the newest: the next eviction takes another
         cache.acquire(paths[2])
-        cache.release(other_fs / cache.cached_name(paths[2]))
+        cache.release(cache.dir / cache.cached_name(paths[2]))
         cache.release(cache.acquire(paths[0]))
-        assert sorted(p.name.split("-", 1)[1] for p in other_fs.iterdir()) == sorted([paths[0].name, paths[2].name])
+        assert sorted(p.name.split("-", 1)[1] for p in cache.dir.iterdir()) == sorted([paths[0].name, paths[2].name])
     finally:
         cache.close()
+
+
+def test_processes_sharing_a_cache_dir_each_get_their_own_folder_and_the_next_run_finds_its_copies(other_fs, cohort):
+    src = slides(cohort)[0]
+    first, second = SlideCache(other_fs, max_gb=1), SlideCache(other_fs, max_gb=1)  # e.g. --devices 0,1
+    try:
+        assert first.dir != second.dir and first.dir.parent == second.dir.parent == other_fs
+        first.release(first.acquire(src))
+        second.release(second.acquire(src))
+        assert first.copied == second.copied == 1  # neither reads (or evicts) the other's copy
+    finally:
+        first.close()
+        second.close()
+    again = SlideCache(other_fs, max_gb=1)  # a later run takes the first free folder back
+    try:
+        assert again.dir == first.dir
+        again.release(again.acquire(src))
+        assert (again.hits, again.copied) == (1, 0)
+    finally:
+        again.close()
 
 
 def test_a_slide_already_on_the_cache_filesystem_is_read_in_place(tmp_path, cohort):
@@ -93,7 +113,7 @@ def test_a_slide_already_on_the_cache_filesystem_is_read_in_place(tmp_path, coho
     local_cache = Path(cohort).parent / "cache"  # same filesystem as the slides
     cache = SlideCache(local_cache, max_gb=1)
     try:
-        assert cache.acquire(src) == src and not list(local_cache.iterdir())
+        assert cache.acquire(src) == src and not list(cache.dir.iterdir())
     finally:
         cache.close()
 
@@ -122,6 +142,6 @@ def test_a_fifo_on_network_storage_is_never_copied(other_fs, tmp_path):
     try:
         assert not cache.wants(fifo)
         cache.prefetch([fifo])
-        assert cache.acquire(fifo) == fifo and not list((tmp_path / "cache").iterdir())
+        assert cache.acquire(fifo) == fifo and not list(cache.dir.iterdir())
     finally:
         cache.close()

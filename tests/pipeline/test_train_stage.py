@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +91,33 @@ def test_train_cli_writes_the_experiment_and_skips_finished_folds(workspace, tmp
     assert main(args[:4] + ["3"] + args[5:]) == 2
     assert "epochs: 2 -> 3" in capsys.readouterr().err
     assert [r["dir"] for r in experiment_runs(exp)] == [exp / "fold_0", exp / "fold_1"]
+
+
+def test_summary_lists_every_fold_whichever_array_task_finishes_last(workspace, capsys):
+    """Two fold tasks one after the other, as array tasks overlap: each passes the fold the
+    other holds; the summary written last still lists both folds as trained."""
+    ws, manifest = workspace
+    exp = ws / "experiments" / "array"
+    args = ["train", "--manifest", str(manifest), "--workspace", str(ws), "--experiment", "array",
+            "--recipe", "abmil", "--seeds", "7", "--epochs", "1", "--folds", "2", "--device", "cpu", "-q"]
+
+    def held_by_a_live_task(fold: int):
+        (exp / ".locks").mkdir(parents=True, exist_ok=True)
+        lock = exp / ".locks" / f"seed7_fold{fold}.lock"
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
+        return lock
+
+    lock = held_by_a_live_task(0)  # task B trains fold 1 while task A trains fold 0
+    assert main(args) == 1
+    assert [r["status"] for r in read_csv(exp / "summary.csv")] == ["running", "done"]
+    lock.unlink()
+    lock = held_by_a_live_task(1)  # task A ends last: it passed fold 1 while B held it
+    assert main(args) == 1
+    lock.unlink()
+    rows = read_csv(exp / "summary.csv")
+    assert [(r["fold"], r["status"]) for r in rows] == [("0", "done"), ("1", "done")]
+    assert all(r["best_epoch"] and r["value"] for r in rows)
+    capsys.readouterr()
 
 
 def test_missing_bags_are_listed_and_can_be_skipped(workspace, tmp_path, capsys):

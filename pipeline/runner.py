@@ -426,11 +426,16 @@ def run_slides(
     interactive = progress and sys.stderr.isatty()
     bar = tqdm(rows, desc=stage, unit="slide", disable=not interactive, dynamic_ncols=True)
 
+    # A slide's line is logged once it is committed, possibly after the next slide's failure:
+    # its number is its place in the manifest.
+    position = {row.slide_id: i for i, row in enumerate(rows, 1)}
+
     def report(status: SlideStatus) -> None:
         summary.add(status)
         rate = f", {status.patches} patches ({status.patches_per_s:.1f}/s)" if status.patches_per_s else ""
         log.log(logging.DEBUG if interactive else logging.INFO, "%s [%d/%d] %s: %s in %.1f s%s",
-                stage, len(summary.statuses), len(rows), status.slide_id, status.state, status.seconds, rate)
+                stage, position.get(status.slide_id, 0), len(rows), status.slide_id, status.state,
+                status.seconds, rate)
 
     def fatal(exc: BaseException) -> PipelineError:
         return PipelineError(f"{stage} stopped: {describe_os_error(exc) if isinstance(exc, OSError) else exc}")

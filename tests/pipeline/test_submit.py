@@ -1,6 +1,7 @@
 """`wsi-pipeline submit` through submitit: the Slurm scripts (fake sbatch on PATH) and the local
 executor end to end (real processes, one killed mid-slide, the rerun completes, same outputs)."""
 
+import csv
 import json
 import os
 import signal
@@ -179,5 +180,8 @@ def test_local_arrays_with_a_task_killed_mid_slide_match_a_single_process_run(tm
         for key in mine:
             assert torch.equal(mine[key], theirs[key]), key
     assert (ws / "experiments/sub/evaluation/metrics.json").is_file()
+    # the 3 fold tasks each trained their own folds; the summary lists all of them
+    with open(ws / "experiments/sub/summary.csv", newline="") as f:
+        assert [(r["fold"], r["status"]) for r in csv.DictReader(f)] == [("0", "done"), ("1", "done"), ("2", "done")]
     # each array task left its log
     assert len(list((ws / "logs" / "slurm").glob("*/*_log.out"))) >= 3 + 3 + 3 + 3 + 3 + 1

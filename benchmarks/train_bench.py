@@ -80,7 +80,8 @@ def _warm_up(spec: dict, dim: int, device) -> None:
     import torch
     import torch.nn.functional as F
 
-    from mil.mhim import MHIM, MHIMConfig
+    from mil.mhim import MHIM
+    from mil.train_config import MHIMConfig
     from mil.models import create_model
 
     model = create_model(spec["model"], dim, 2).to(device)
@@ -110,7 +111,9 @@ def _one(name: str, args: dict, queue) -> None:
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     from mil.data import LabelMap, Targets
-    from mil.trainer import TrainConfig, resolve_device, train_fold
+    from extract.runtime import resolve_device
+    from mil.train_config import TrainConfig
+    from mil.trainer import train_fold
 
     device = resolve_device(args["device"])
     bags, labels = _make_bags(args["bags"], args["instances"], args["dim"], seed=0)

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import ConfigError
+from .runtime import atomic_write_text
 
 __all__ = [
     "Polygon",
@@ -238,15 +239,7 @@ def load_polygons(path: str | os.PathLike) -> list[Polygon]:
 
 def write_geojson(path: str | os.PathLike, collection: dict) -> Path:
     """Write atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(collection, separators=(",", ":")))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(path, json.dumps(collection, separators=(",", ":")))
 
 
 def filter_coords(coords: np.ndarray, patch_px_level0: int, include: list[Polygon] | None = None,

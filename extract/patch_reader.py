@@ -57,6 +57,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import ConfigError, SlideError
+from .runtime import check_int
 from .slide import Slide
 
 __all__ = [
@@ -521,12 +522,6 @@ class ReadReport:
                 self.errors.append(message)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"The '{name}' parameter must be an int >= {minimum}. Got {value!r} instead.")
-    return int(value)
-
-
 def _check_coords(coords) -> np.ndarray:
     xy = np.asarray(coords)
     if xy.ndim != 2 or xy.shape[1] != 2 or (xy.size and xy.dtype.kind not in "iu"):
@@ -580,10 +575,10 @@ class PatchReader:
         tile_cache_mb: int = 128,
     ):
         self.path = Path(slide_path)
-        self.patch_px_level0 = _check_int("patch_px_level0", patch_px_level0, 1)
-        self.out_px = _check_int("out_px", out_px, 1)
-        self.block_px = _check_int("block_px", block_px, 1)
-        self.tile_cache_mb = _check_int("tile_cache_mb", tile_cache_mb, 1)
+        self.patch_px_level0 = check_int("patch_px_level0", patch_px_level0, minimum=1)
+        self.out_px = check_int("out_px", out_px, minimum=1)
+        self.block_px = check_int("block_px", block_px, minimum=1)
+        self.tile_cache_mb = check_int("tile_cache_mb", tile_cache_mb, minimum=1)
         if backend not in ("auto", "tiff", "openslide"):
             raise ConfigError(f"The 'backend' parameter must be 'auto', 'tiff' or 'openslide'. Got {backend!r} instead.")
         self.mpp, self.backend, self.verify = mpp, backend, bool(verify)
@@ -995,9 +990,9 @@ def iter_patch_batches(
         dropped/retried indices, tiles decoded, sources and timing after iteration.
     """
     xy = _check_coords(coords)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("num_workers", num_workers, 0)
-    _check_int("prefetch_groups", prefetch_groups, 1)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("num_workers", num_workers, minimum=0)
+    check_int("prefetch_groups", prefetch_groups, minimum=1)
     if mp_context not in ("forkserver", "spawn", "fork"):
         raise ConfigError(f"The 'mp_context' parameter must be 'forkserver', 'spawn' or 'fork'. Got {mp_context!r} instead.")
     if isinstance(slide_path, PatchReader):

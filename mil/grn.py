@@ -23,16 +23,9 @@ import torch
 from torch import nn
 
 from extract.errors import ConfigError
+from extract.runtime import check_int
 
 __all__ = ["GlobalRecycleNetwork"]
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(
-            f"The '{name}' parameter of GlobalRecycleNetwork must be an int >= {low}. "
-            f"Got {value!r} instead."
-        )
 
 
 def _check_unit(name: str, value: object, *, closed_high: bool) -> None:
@@ -84,10 +77,10 @@ class GlobalRecycleNetwork(nn.Module):
         momentum: float = 0.9999,
     ) -> None:
         super().__init__()
-        _check_int("dim", dim, 1)
-        _check_int("n_tokens", n_tokens, 1)
-        _check_int("heads", heads, 1)
-        _check_int("dim_head", dim_head, 1)
+        check_int("dim", dim, "GlobalRecycleNetwork")
+        check_int("n_tokens", n_tokens, "GlobalRecycleNetwork")
+        check_int("heads", heads, "GlobalRecycleNetwork")
+        check_int("dim_head", dim_head, "GlobalRecycleNetwork")
         _check_unit("dropout", dropout, closed_high=False)
         _check_unit("momentum", momentum, closed_high=True)
         self.dim = dim

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from extract.errors import ConfigError
+from extract.runtime import is_number
 
 __all__ = [
     "youden_threshold",
@@ -314,10 +315,6 @@ def multiclass_metrics(y_true: Any, prob: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (numbers.Real, np.number)) and not isinstance(v, (bool, np.bool_))
-
-
 def _strata_groups(labels: np.ndarray, n: int, name: str) -> list[np.ndarray]:
     func = "bootstrap_ci"
     expected = "a 1-D array of class labels (bool or integer), one per sample"
@@ -419,7 +416,7 @@ def bootstrap_ci(
 
     values = [metric_fn(*(a[row] for a in data)) for row in idx]
     if isinstance(values[0], Mapping):
-        keys = [k for k, v in values[0].items() if _is_number(v)]
+        keys = [k for k, v in values[0].items() if is_number(v, finite=False)]
         return {k: _percentile_interval([v[k] for v in values], alpha, str(k)) for k in keys}
     return _percentile_interval(values, alpha, getattr(metric_fn, "__name__", "metric"))
 
@@ -464,12 +461,12 @@ def summarize_folds(
             raise _fail(f"fold_metrics[{k}]", func, "a dict of metrics", repr(type(fold)))
     keys: dict[str, None] = {}
     for fold in fold_metrics:
-        keys.update((k, None) for k, v in fold.items() if _is_number(v))
+        keys.update((k, None) for k, v in fold.items() if is_number(v, finite=False))
     mean: dict[str, float] = {}
     std: dict[str, float] = {}
     for key in keys:
         v = np.array(
-            [float(f[key]) if _is_number(f.get(key)) else np.nan for f in fold_metrics],
+            [float(f[key]) if is_number(f.get(key), finite=False) else np.nan for f in fold_metrics],
             dtype=np.float64,
         )
         v = v[np.isfinite(v)]

@@ -20,21 +20,8 @@ One training step on one bag of ``N`` instances:
 
 At inference only the student runs, on the full bag.
 
-Counting rules (all "ceil of a product", see :func:`n_masked`):
-
-* ``n_masked(n, r) = ceil(n * r)`` with the product rounded to 9 decimals first, so floating
-  point noise never adds an instance (``100 * 0.07 = 7.000000000000001`` masks 7, where the
-  official ``np.ceil`` masks 8); 0 for ``r = 0``; never more than ``n``.
-* R-HAM as the official ``select_mask_fn``: ``top = n_masked(N, h / hr)`` candidates, of which a
-  uniformly random ``n_masked(top, hr)`` are masked; when ``h / hr > 1`` the candidates are the
-  whole bag and ``n_masked(N, h)`` of them are masked.
-  E.g. N=1000, h=0.01: HAM 10; hr=0.5: 10 of the top 20; N=101, h=0.01, hr=0.5: 2 of the top 3.
-* Union: an instance in several masks is counted once.
-* Never empty: if the union covers the whole bag, one instance is kept: the highest-scoring
-  instance outside the high-score mask, or, when the high-score mask itself covers the bag,
-  the lowest-scoring one (see :func:`fallback_priority`).
-* GRN keep: of the ``L`` instances left after the union, ``n_masked(L, 1 - keep_ratio)`` random
-  ones go to the GRN (the official ``int(L * keep)`` kept), at least one real instance stays.
+Counting rules (how many instances a ratio masks, R-HAM, union, the never-empty fallback, GRN
+keep): :mod:`mil.masking`.
 """
 
 from __future__ import annotations
@@ -42,7 +29,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,218 +36,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from extract.errors import CheckpointError, ConfigError
-from mil.grn import GlobalRecycleNetwork
 from mil.checkpoints import OFFICIAL_PREFIXES, from_official_layout
+from mil.grn import GlobalRecycleNetwork
+from mil.masking import (
+    check_ratio,
+    empty_index,
+    fallback_priority,
+    flat_scores,
+    high_mask,
+    keep_indices,
+    low_mask,
+    n_masked,
+    random_mask,
+    randperm,
+    union,
+)
+from mil.train_config import MHIMConfig
 
 __all__ = [
     "MHIM",
-    "MHIMConfig",
     "consistency_loss",
     "cosine_decay",
     "ema_update",
-    "fallback_priority",
-    "high_mask",
-    "keep_indices",
-    "low_mask",
-    "n_masked",
-    "random_mask",
-    "union",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Pure masking functions (one bag, index based)
-# --------------------------------------------------------------------------------------------
-
-
-def _empty_index(device: torch.device | str | None) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.long, device=device)
-
-
-def _randperm(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """``randperm`` drawn on the generator's device (required by torch), returned on ``device``."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randperm(n, generator=generator, device=gen_device).to(device)
-
-
-def _check_ratio(name: str, value: float, *, high_open: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and 0.0 <= value and (value < 1.0 if high_open else value <= 1.0)
-    if not ok:
-        interval = "[0, 1)" if high_open else "[0, 1]"
-        raise ValueError(f"'{name}' must be a float in {interval}; got {value!r}.")
-
-
-def n_masked(n: int, ratio: float) -> int:
-    """Number of instances a ratio masks: ``ceil(n * ratio)``, 0 when ``ratio`` is 0.
-
-    The product is rounded to 9 decimals before the ceiling so that floating point noise
-    (``100 * 0.07 = 7.000000000000001``) does not mask one instance more; the result is
-    clipped to ``[0, n]``.
-    """
-    if n < 0:
-        raise ValueError(f"'n' must be >= 0; got {n}.")
-    if not ratio > 0.0:
-        return 0
-    return min(n, math.ceil(round(n * float(ratio), 9)))
-
-
-def _check_scores(func: str, scores: torch.Tensor) -> None:
-    if scores.dim() not in (1, 2):
-        raise ValueError(f"{func} takes the [N] (or per-head [heads, N]) scores of one bag; "
-                         f"got {tuple(scores.shape)}.")
-
-
-def _top(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """Indices of the top (or bottom) ``k``: by score for [N], by the head vote for [heads, N]."""
-    if scores.dim() == 1:
-        return torch.topk(scores, k, largest=largest).indices
-    from mil.models.transmil import fuse_heads_by_vote
-
-    return fuse_heads_by_vote(scores.unsqueeze(0), k, largest=largest)[0]
-
-
-def flat_scores(scores: torch.Tensor) -> torch.Tensor:
-    """One score per instance ``[N]``: per-head scores ``[heads, N]`` fused by rank voting."""
-    if scores.dim() == 1:
-        return scores
-    from mil.models.transmil import borda_fusion
-
-    return borda_fusion(scores.unsqueeze(0))[0]
-
-
-def high_mask(
-    scores: torch.Tensor,
-    ratio_h: float,
-    ratio_hr: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """HAM / R-HAM: indices of the hard (highest-scoring) instances to mask.
-
-    Parameters
-    ----------
-    scores : Tensor
-        ``[N]`` teacher scores of one bag (higher = more salient), or ``[heads, N]`` per-head
-        scores: then every choice of ``k`` instances is MHIM's vote over heads at that ``k``
-        (each head votes for its own top ``k``; the ``k`` with most votes win, ties broken by
-        rank; :func:`mil.models.fuse_heads_by_vote`), as the official code masks TransMIL.
-    ratio_h : float
-        ``h`` in ``[0, 1)``; 0 masks nothing.
-    ratio_hr : float, optional
-        R-HAM sub-ratio ``hr`` in ``(0, 1]``; ``None`` or 1.0 is plain HAM (top ``ceil(N*h)``).
-        Otherwise the top ``ceil(N*h/hr)`` are candidates and a uniformly random
-        ``ceil(top*hr)`` of them are masked (if ``h/hr > 1``: all ``N`` are candidates and
-        ``ceil(N*h)`` are masked, as the official code).
-    generator : torch.Generator, optional
-        Source of randomness for R-HAM.
-
-    Returns
-    -------
-    LongTensor
-        ``[n_high]`` indices (unordered, unique) on ``scores.device``.
-    """
-    _check_scores("high_mask", scores)
-    _check_ratio("ratio_h", ratio_h)
-    hr = 1.0 if ratio_hr is None else ratio_hr
-    if not (isinstance(hr, (int, float)) and 0.0 < hr <= 1.0):
-        raise ValueError(f"'ratio_hr' must be None or a float in (0, 1]; got {ratio_hr!r}.")
-    n = scores.shape[-1]
-    if ratio_h <= 0.0 or n == 0:
-        return _empty_index(scores.device)
-    if hr >= 1.0:
-        return _top(scores, n_masked(n, ratio_h), largest=True)
-    if ratio_h / hr >= 1.0:
-        top, count = n, n_masked(n, ratio_h)
-    else:
-        top = n_masked(n, ratio_h / hr)
-        count = n_masked(top, hr)
-    candidates = _top(scores, top, largest=True)
-    return candidates[_randperm(top, generator, scores.device)[:count]]
-
-
-def low_mask(scores: torch.Tensor, ratio_l: float) -> torch.Tensor:
-    """L-HAM: indices of the lowest ``ceil(N * l)`` instances by score (``[N]`` -> ``[n_low]``).
-
-    Per-head scores ``[heads, N]`` are fused by the vote over each head's bottom ``k``.
-    """
-    _check_scores("low_mask", scores)
-    _check_ratio("ratio_l", ratio_l)
-    count = n_masked(scores.shape[-1], ratio_l)
-    if count == 0:
-        return _empty_index(scores.device)
-    return _top(scores, count, largest=False)
-
-
-def random_mask(
-    n: int,
-    ratio: float,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Uniformly random ``ceil(n * ratio)`` distinct indices out of ``range(n)``."""
-    _check_ratio("ratio", ratio)
-    count = n_masked(n, ratio)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if count == 0:
-        return _empty_index(device)
-    return _randperm(n, generator, device)[:count]
-
-
-def union(n: int, *masks: torch.Tensor) -> torch.Tensor:
-    """Union of index sets over ``range(n)``: sorted, unique LongTensor (overlaps count once)."""
-    device = next((m.device for m in masks if m is not None), torch.device("cpu"))
-    flags = torch.zeros(n, dtype=torch.bool, device=device)
-    for m in masks:  # a loop over the (at most three) masks, not over instances
-        if m is not None and m.numel():
-            flags[m.to(device=device, dtype=torch.long)] = True
-    return flags.nonzero().flatten()
-
-
-def fallback_priority(scores: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Priority ``[N]`` for the one instance kept when every instance is masked.
-
-    Instances outside the high-score mask rank above every high-masked one, and among them the
-    highest score wins; among high-masked instances the lowest score wins (it is the least
-    "hard" of the hard ones, so keeping it undoes as little of HAM as possible).
-    """
-    n = scores.numel()
-    rank = torch.empty(n, device=scores.device)
-    ranks = torch.arange(n, device=scores.device, dtype=rank.dtype) / max(n, 1)
-    rank[torch.argsort(scores)] = ranks
-    is_high = torch.zeros(n, dtype=torch.bool, device=scores.device)
-    if high.numel():
-        is_high[high] = True
-    return torch.where(is_high, -1.0 - rank, rank)
-
-
-def keep_indices(
-    n: int, masked: torch.Tensor, priority: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Indices NOT in ``masked``, ascending (instance order preserved), never empty.
-
-    Parameters
-    ----------
-    n : int
-        Bag size ``N`` (>= 1).
-    masked : LongTensor
-        Masked indices (any order, duplicates allowed).
-    priority : Tensor, optional
-        ``[N]``; if every instance is masked, ``argmax(priority)`` is kept (see
-        :func:`fallback_priority`); without it instance 0 is kept.
-    """
-    if n < 1:
-        raise ValueError("keep_indices needs a bag with at least one instance; got n=0.")
-    device = masked.device
-    is_masked = torch.zeros(n, dtype=torch.bool, device=device)
-    if masked.numel():
-        is_masked[masked] = True
-    keep = (~is_masked).nonzero().flatten()
-    if keep.numel() == 0:
-        if priority is not None:
-            keep = priority.argmax().reshape(1).to(device)
-        else:
-            keep = torch.zeros(1, dtype=torch.long, device=device)
-    return keep
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +109,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
     Parameters and buffers are matched by name; both modules must have the same structure.
     """
-    _check_ratio("momentum", momentum, high_open=False)
+    check_ratio("momentum", momentum, high_open=False)
     t_params = dict(teacher.named_parameters())
     s_params = dict(student.named_parameters())
     if t_params.keys() != s_params.keys():
@@ -322,130 +119,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     s_buffers = dict(student.named_buffers())
     for name, b_t in teacher.named_buffers():
         b_t.copy_(s_buffers[name])
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-_CHOICES = {
-    "mrh_schedule": ("none", "cosine"),
-    "mask_score": ("attention", "class_prob"),
-    "momentum_schedule": ("constant", "cosine"),
-}
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-@dataclass(frozen=True)
-class MHIMConfig:
-    """MHIM-MIL settings (REFERENCE names); validated on construction (raises ``ConfigError``).
-
-    Attributes
-    ----------
-    mask_ratio : float
-        Random masking ratio ``r`` in ``[0, 1)`` (v1).
-    mask_ratio_h : float
-        High-score (HAM) ratio ``h`` in ``[0, 1)``.
-    mask_ratio_hr : float or None
-        R-HAM random sub-ratio ``hr`` in ``(0, 1]``; ``None`` = plain HAM.
-    mask_ratio_l : float
-        Low-score (L-HAM) ratio ``l`` in ``[0, 1)`` (v1).
-    mrh_schedule : {'none', 'cosine'}
-        ``'cosine'``: ``h`` decays per iteration from ``mask_ratio_h`` to 0 over the planned steps.
-    mask_score : {'attention', 'class_prob'}
-        What the teacher ranks by: ``instance_scores`` (v1) or ``instance_class_prob`` (v2).
-    teacher_momentum : float
-        EMA momentum ``m`` in ``[0, 1]``.
-    momentum_schedule : {'constant', 'cosine'}
-        ``'cosine'``: momentum goes from ``m`` to 1.0 over all iterations.
-    cl_alpha : float
-        Consistency loss weight (>= 0; 0 skips it).
-    t_teacher, t_student : float
-        Softmax temperatures of the consistency loss (> 0).
-    teacher_train_mode : bool
-        Run the teacher in train mode (dropout on) as the official code does.
-    grn : bool
-        MHIM-v2 random masking + Global Recycle Network.
-    keep_ratio : float
-        v2: share in ``(0, 1]`` of the instances left after the masks that the student keeps;
-        the others go through the GRN.
-    grn_tokens : int
-        Number ``k`` of GRN tokens (>= 1).
-    grn_momentum : float
-        EMA momentum of the GRN query tokens in ``[0, 1]``.
-    grn_at_test : bool
-        Append GRN tokens (computed from the whole bag) at inference too.
-    grn_heads, grn_dim_head : int
-        GRN cross-attention shape.
-    grn_dropout : float
-        GRN dropout in ``[0, 1)``.
-    """
-
-    mask_ratio: float = 0.0
-    mask_ratio_h: float = 0.01
-    mask_ratio_hr: float | None = None
-    mask_ratio_l: float = 0.0
-    mrh_schedule: str = "none"
-    mask_score: str = "attention"
-    teacher_momentum: float = 0.9999
-    momentum_schedule: str = "constant"
-    cl_alpha: float = 0.1
-    t_teacher: float = 0.1
-    t_student: float = 1.0
-    teacher_train_mode: bool = True
-    grn: bool = False
-    keep_ratio: float = 0.9
-    grn_tokens: int = 1
-    grn_momentum: float = 0.9999
-    grn_at_test: bool = False
-    grn_heads: int = 8
-    grn_dim_head: int = 64
-    grn_dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> ConfigError:
-            return ConfigError(
-                f"The '{name}' parameter of MHIMConfig must be {expected}. "
-                f"Got {getattr(self, name)!r} instead."
-            )
-
-        for name in ("mask_ratio", "mask_ratio_h", "mask_ratio_l", "grn_dropout"):
-            v = getattr(self, name)
-            if not (_is_number(v) and 0.0 <= v < 1.0):
-                raise bad(name, "a float in [0, 1)")
-        for name in ("teacher_momentum", "grn_momentum"):
-            v = getattr(self, name)
-            if not (_is_number(v) and 0.0 <= v <= 1.0):
-                raise bad(name, "a float in [0, 1]")
-        hr = self.mask_ratio_hr
-        if hr is not None and not (_is_number(hr) and 0.0 < hr <= 1.0):
-            raise bad("mask_ratio_hr", "None or a float in (0, 1]")
-        if not (_is_number(self.keep_ratio) and 0.0 < self.keep_ratio <= 1.0):
-            raise bad("keep_ratio", "a float in (0, 1]")
-        if not (_is_number(self.cl_alpha) and self.cl_alpha >= 0.0):
-            raise bad("cl_alpha", "a float >= 0")
-        for name in ("t_teacher", "t_student"):
-            v = getattr(self, name)
-            if not (_is_number(v) and v > 0.0):
-                raise bad(name, "a float > 0")
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise bad(name, "one of " + ", ".join(repr(c) for c in choices))
-        for name in ("teacher_train_mode", "grn", "grn_at_test"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "a bool")
-        for name in ("grn_tokens", "grn_heads", "grn_dim_head"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(name, "an int >= 1")
-        if self.grn_at_test and not self.grn:
-            raise ConfigError(
-                "The 'grn_at_test' parameter of MHIMConfig needs 'grn: true' (there is no GRN "
-                "to run at test time). Set grn: true or grn_at_test: false."
-            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -720,7 +393,7 @@ class MHIM(nn.Module):
         step: int,
         total_steps: int,
         loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Forward and loss of one MHIM training iteration on one bag (no backward).
 
         Parameters
@@ -743,7 +416,7 @@ class MHIM(nn.Module):
             ``student.training_loss(out, target, ce)`` (so ``aux`` includes the student's bag
             loss re-weighting, e.g. CLAM's 0.7/0.3).
         info : dict
-            ``ce``, ``aux``, ``cl`` (floats), ``n_instances`` (N), ``n_masked`` (instances the
+            ``ce``, ``aux``, ``cl`` (detached 0-d tensors), ``n_instances`` (N), ``n_masked`` (instances the
             student does not see: masks + GRN-recycled), ``n_grn`` (recycled), ``kept_ratio``
             (real instances seen / N), ``seq_len`` (kept + k), ``mask_ratio_h`` (h used).
         """
@@ -764,7 +437,7 @@ class MHIM(nn.Module):
         scores, t_feat = self._teacher_scores(x, need_scores, cfg.cl_alpha > 0.0)
 
         device = x.device
-        high = low = _empty_index(device)
+        high = low = empty_index(device)
         if scores is not None:
             high = high_mask(scores, h_ratio, cfg.mask_ratio_hr, self.generator)
             low = low_mask(scores, cfg.mask_ratio_l)
@@ -773,7 +446,7 @@ class MHIM(nn.Module):
         if scores is not None:
             priority = fallback_priority(flat_scores(scores), high)
         else:  # random masking only: keep a random instance if all are masked
-            priority = _randperm(n, self.generator, device).float()
+            priority = randperm(n, self.generator, device).float()
         keep = keep_indices(n, masked.to(device), priority)
 
         # Masked instances are removed, not zeroed (ascending order kept). The embedding is
@@ -784,7 +457,7 @@ class MHIM(nn.Module):
         if self.grn is not None:
             n_left = keep.numel()
             n_grn = min(n_masked(n_left, 1.0 - cfg.keep_ratio), n_left - 1)
-            perm = _randperm(n_left, self.generator, device)
+            perm = randperm(n_left, self.generator, device)
             recycled = h_in.index_select(1, perm[:n_grn])
             stay = torch.sort(perm[n_grn:]).values
             tokens = self.grn(recycled)  # [1, k, H]; EMA of its queries in train mode
@@ -809,10 +482,10 @@ class MHIM(nn.Module):
         else:
             cl = torch.zeros((), device=ce.device)
         loss = task + cfg.cl_alpha * cl
-        info = {
-            "ce": float(ce.detach()),
-            "aux": float(aux),
-            "cl": float(cl.detach()),
+        info = {  # losses as detached 0-d tensors: reading a float would wait for the device
+            "ce": ce.detach(),
+            "aux": aux,
+            "cl": cl.detach(),
             "n_instances": n,
             "n_masked": n - n_seen,
             "n_grn": n_grn,

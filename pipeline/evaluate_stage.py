@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from extract.errors import CheckpointError, ConfigError, ManifestError
+from extract.runtime import atomic_write_text
 from mil.evaluation import (
     PROTOCOLS,
     check_protocol,
@@ -122,7 +122,7 @@ def parse_heatmaps(value: Any) -> int | None:
 
 def _checkpoint_meta(path: Path) -> dict:
     """Task, classes, bins and sizes recorded in a checkpoint (weights not built)."""
-    from mil.trainer import read_checkpoint
+    from mil.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(path)
     return {k: ckpt.get(k) for k in ("task", "n_classes", "classes", "bin_edges", "in_dim", "model",
@@ -138,7 +138,8 @@ def _as_array(x) -> np.ndarray:
 def _score(unit: FoldUnit, bags, ids: Sequence[str], device, task: str, which: str = "student") -> list[dict]:
     """Predictions of one fold model (its student, or its MHIM teacher) on ``ids``: dicts with prob
     or risk, survival and instance scores."""
-    from mil.trainer import load_student, predict_bags
+    from mil.checkpoints import load_student
+    from mil.inference import predict_bags
 
     ids = [s for s in ids if s in bags]
     if not ids:
@@ -199,13 +200,6 @@ def _teacher_metrics(run: "_Run", bags, truth: dict) -> dict | None:
 # outputs
 # ---------------------------------------------------------------------------------------------
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_outputs(run: "_Run", out_dir: Path, metrics: dict, pred: pd.DataFrame, record: dict) -> None:
     """predictions.csv, metrics.json and evaluate_config.yaml (the resolved settings)."""
     import yaml
@@ -213,9 +207,9 @@ def _write_outputs(run: "_Run", out_dir: Path, metrics: dict, pred: pd.DataFrame
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pred.copy()
     table["protocol"] = PROTOCOLS[run.protocol]
-    _write_text(out_dir / "predictions.csv", table.to_csv(index=False, float_format="%.8g"))
-    _write_text(out_dir / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
-    _write_text(out_dir / "evaluate_config.yaml", yaml.safe_dump(record, sort_keys=False))
+    atomic_write_text(out_dir / "predictions.csv", table.to_csv(index=False, float_format="%.8g"))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
+    atomic_write_text(out_dir / "evaluate_config.yaml", yaml.safe_dump(record, sort_keys=False))
 
 
 def _write_figures(out_dir: Path, metrics: dict, pred: pd.DataFrame, classes, title: str,
@@ -305,7 +299,7 @@ def run_evaluation(
                 "retrain the experiment with this version of wsi-pipeline"
             )
         classes = [str(i) for i in range(n)]
-    from mil.trainer import resolve_device  # torch: only once the experiment is known to exist
+    from extract.runtime import resolve_device  # torch: only once the experiment is known to exist
 
     manifest_path = Path(manifest).resolve() if manifest is not None else None
     if manifest_path is not None and not manifest_path.is_file():

@@ -8,7 +8,6 @@ on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import glob
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from extract.errors import ConfigError, SlideError
+from extract.runtime import autocast, autocast_dtype, resolve_device
 
 from .config import ExtractConfig, dump_yaml, resolve_stage
 from .logging_setup import attach_run_log
@@ -45,41 +45,6 @@ def backbone_tag(backbone: str, weights_id: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", backbone).strip("-")
     weights = weights_id.replace("sha256:", "sha256_")[:15]
     return f"{name}-{weights}"
-
-
-def select_device(spec: str = "auto"):
-    """``auto`` -> the first CUDA device when one is present, else the CPU."""
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise ConfigError(f"The 'device' parameter must be auto, cpu, cuda or cuda:N. Got {spec!r} instead.") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
-def autocast_dtype(device, precision: str, preferred: str = "bf16"):
-    """``auto``: the encoder's ``preferred`` half type on CUDA (bf16 -> fp16 where bf16 is not
-    supported); fp32 on CPU unless asked."""
-    import torch
-
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        if preferred == "fp32":
-            return None
-        if preferred == "fp16":
-            return torch.float16
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None  # CPU autocast is slower than fp32 on most CPUs
 
 
 @dataclass
@@ -109,7 +74,7 @@ class Extractor:
         if kwargs and not config.backbone.startswith("timm:"):
             raise ConfigError(f"--backbone-kw applies to timm:<name> backbones; {config.backbone} is registered "
                               "with its exact architecture (see --list-backbones)")
-        device = select_device(config.device)
+        device = resolve_device(config.device)
         if device.type == "cuda":  # every batch has the same shape: let cuDNN pick its fastest kernels once
             torch.backends.cudnn.benchmark = True
         model = create_backbone(config.backbone, weights=config.weights, **kwargs)
@@ -146,9 +111,7 @@ class Extractor:
         import torch
 
         with torch.inference_mode():
-            context = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-                       else contextlib.nullcontext())
-            with context:
+            with autocast(self.device, self.amp_dtype):
                 features = self.model(x)
             return features.float()
 

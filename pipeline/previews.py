@@ -152,16 +152,11 @@ def draw_preview(
 
 def save_png(path: Path, rgb: np.ndarray) -> None:
     """Write an RGB image as PNG, atomically: a reader never sees half a picture."""
-    import os
-
     import cv2
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
-            raise OSError(f"could not write {path}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from extract.runtime import atomic_write
+
+    ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    atomic_write(Path(path), lambda f: f.write(png.tobytes()))

@@ -278,9 +278,9 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
     if config.segmenter != "clam":  # loaded once, before any slide: a missing file is one line now
         from extract.deep_tissue import load_segmenter
 
-        from .extract_stage import select_device
+        from extract.runtime import resolve_device
 
-        deep = load_segmenter(config.segmenter, config.weights, select_device(config.seg_device))
+        deep = load_segmenter(config.segmenter, config.weights, resolve_device(config.seg_device))
         log.info("tissue from the %s model (%s) on %s at %g um/px", config.segmenter, config.weights,
                  deep.device, deep.spec.mpp)
 

@@ -1,7 +1,7 @@
 """``wsi-pipeline train``: bags + labels -> MIL models per seed and fold (baselines and MHIM-MIL).
 
 Configuration: the YAML ``train:`` section holds a ``recipe:`` (``configs/train/<name>.yaml`` or a
-path) and/or :class:`mil.trainer.TrainConfig` fields inline (inline wins over the recipe), plus
+path) and/or :class:`mil.train_config.TrainConfig` fields inline (inline wins over the recipe), plus
 ``experiment``, ``features`` and ``allow_missing``; command-line flags override both.
 
 Outputs (``<ws>/experiments/<name>/``)::
@@ -56,7 +56,7 @@ _RUNTIME_FIELDS = ("device",)
 
 def _section_class():
     """``TrainSection``: every TrainConfig field optional (None = not set) + the stage keys."""
-    from mil.trainer import TrainConfig
+    from mil.train_config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     specs: list[tuple[str, Any, Any]] = [
@@ -104,7 +104,7 @@ def resolve_train_config(section: dict | None, base: Path, flags: dict | None = 
     -------
     (TrainConfig, recipe path or None)
     """
-    from mil.trainer import TrainConfig
+    from mil.train_config import TrainConfig
 
     section = dict(section or {})
     from_dict(_section_class(), section, where="train.")  # types and unknown keys, with key paths
@@ -187,7 +187,7 @@ def _record_experiment(exp_dir: Path, name: str, manifest_path: Path, features_d
     """Write (or check against) config.yaml, labels.json and splits.csv."""
     import yaml
 
-    from mil.trainer import software_versions
+    from mil.checkpoints import software_versions
 
     train = config.to_dict()
     cfg_path = exp_dir / "config.yaml"
@@ -281,7 +281,8 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
 
     from mil.cpu_threads import cpu_threads_for
     from mil.data import load_bags, make_splits, make_targets
-    from mil.trainer import resolve_device, train_fold
+    from extract.runtime import resolve_device
+    from mil.trainer import train_fold
 
     from .manifest import load_manifest
     from .runner import SlideLock
@@ -336,7 +337,7 @@ def _train_experiment(manifest_path, workspace, features_dir, config, experiment
     root = logging.getLogger()
     root.addHandler(file_log)
     log.info("experiment %s: %d slide(s), %s, %d run(s) (%d seed(s) x %d fold(s)), features %s",
-             experiment, len(rows), config.model + (" + MHIM" if config.mhim else ""), len(runs),
+             experiment, len(rows), config.model + (" + MHIM" if config.mhim is not None else ""), len(runs),
              len(config.seeds), len(runs) // len(config.seeds), features_dir)
     if config.protocol == "paper":
         log.warning("protocol 'paper': validation IS the test fold (model selection on test data); the "
@@ -403,7 +404,7 @@ def run_training(manifest_path, workspace, features_dir, train_config, experimen
     manifest_path : slide manifest CSV (labels, or time + event for survival).
     workspace : workspace folder.
     features_dir : folder of bags, or None for the workspace's only feature folder.
-    train_config : :class:`mil.trainer.TrainConfig`.
+    train_config : :class:`mil.train_config.TrainConfig`.
     experiment : name of the folder under ``<ws>/experiments``.
     resume : continue unfinished folds (finished ones are always skipped).
     qc_filter : patch QC rules (``'focus>=50,background<=0.5'``); evaluate reuses them.
@@ -462,7 +463,7 @@ def is_bare_recipe(raw: dict) -> bool:
     A pipeline config has ``manifest``/``workspace``/stage sections instead; a file mixing
     both is not a recipe and is left to the pipeline config's own validation.
     """
-    from mil.trainer import TrainConfig
+    from mil.train_config import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return bool(raw) and set(raw) <= fields

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from extract.errors import BagError, ConfigError
+from extract.runtime import check_int
 from mil.evaluation import TASKS
 
 from .output import MILOutput
@@ -34,14 +35,6 @@ class BagShapeError(BagError, ValueError):
 
 # --------------------------------------------------------------------------------------------
 # parameter checks with one message template (scikit-learn style)
-
-
-def check_int(name: str, value: Any, owner: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(
-            f"The {name!r} parameter of {owner} must be an int >= {minimum}. Got {value!r} instead."
-        )
-    return value
 
 
 def check_float(

@@ -20,8 +20,9 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from extract.errors import ConfigError
+from extract.runtime import check_int
 
-from ._base import MILModel, check_int
+from ._base import MILModel
 
 __all__ = [
     "ParamCount",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from extract.runtime import check_int
+
 from ._base import (
     EMBED_ACTIVATIONS,
     MILModel,
     check_bool,
     check_choice,
     check_float,
-    check_int,
     class_confidence,
     embedding_activation,
     fill_invalid,

@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extract.runtime import check_int
+
 from ._base import (
     EMBED_ACTIVATIONS,
     MILModel,
     check_bool,
     check_choice,
     check_float,
-    check_int,
     class_confidence,
     embedding_activation,
     fill_invalid,

@@ -7,13 +7,14 @@ import math
 import torch
 from torch import nn
 
+from extract.runtime import check_int
+
 from ._base import (
     EMBED_ACTIVATIONS,
     MILModel,
     bag_classification_loss,
     check_choice,
     check_float,
-    check_int,
     embedding_activation,
     fill_invalid,
     init_weights,

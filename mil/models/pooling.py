@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from extract.runtime import check_int
+
 from ._base import (
     EMBED_ACTIVATIONS,
     MILModel,
     check_choice,
     check_float,
-    check_int,
     class_confidence,
     embedding_activation,
     fill_invalid,

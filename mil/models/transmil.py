@@ -10,12 +10,13 @@ from torch import nn
 
 from extract.errors import ConfigError
 
+from extract.runtime import check_int
+
 from ._base import (
     EMBED_ACTIVATIONS,
     MILModel,
     check_choice,
     check_float,
-    check_int,
     class_confidence,
     embedding_activation,
     init_weights,

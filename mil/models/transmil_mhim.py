@@ -13,7 +13,7 @@ modules/nystrom_attention.py) and the argument dumps of its run logs:
 - the class token starts as ``randn`` (standard normal), not near zero;
 - the masking score is the class token's row of layer 1's NYSTROM approximation per head
   (``extras['head_scores']`` [B, heads, N]); MHIM masks by a vote over heads at the current
-  ``k`` (:func:`mil.mhim.high_mask` / :func:`mil.mhim.low_mask` with per-head scores).
+  ``k`` (:func:`mil.masking.high_mask` / :func:`mil.masking.low_mask` with per-head scores).
 
 Same parameters as the standalone model: 2,672,146 at D=1024, C=2.
 """

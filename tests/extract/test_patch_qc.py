@@ -78,7 +78,7 @@ def test_extract_with_qc_stores_one_value_per_patch(tmp_path, slides_dir):
 
 
 def test_training_drops_patches_by_qc_and_evaluate_reuses_the_rules(tmp_path):
-    from mil.trainer import TrainConfig
+    from mil.train_config import TrainConfig
     from pipeline.evaluate_stage import run_evaluation
     from pipeline.train_stage import run_training
     from tests.pipeline.test_evaluate import _write_cohort

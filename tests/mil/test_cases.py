@@ -77,7 +77,7 @@ def _case_cohort(tmp_path, survival=False):
 
 
 def test_case_bags_train_and_evaluate_one_prediction_per_case_with_per_slide_heatmaps(tmp_path):
-    from mil.trainer import TrainConfig
+    from mil.train_config import TrainConfig
     from pipeline.evaluate_stage import run_evaluation
     from pipeline.train_stage import run_training
 
@@ -101,7 +101,7 @@ def test_case_bags_train_and_evaluate_one_prediction_per_case_with_per_slide_hea
 
 def test_survival_per_case_c_index_counts_cases(tmp_path):
     from mil.metrics import concordance_index
-    from mil.trainer import TrainConfig
+    from mil.train_config import TrainConfig
     from pipeline.evaluate_stage import run_evaluation
     from pipeline.train_stage import run_training
 

@@ -7,7 +7,8 @@ import torch
 
 from extract.errors import CheckpointError
 from mil.checkpoints import from_official_layout, is_official_layout
-from mil.mhim import MHIM, MHIMConfig
+from mil.mhim import MHIM
+from mil.train_config import MHIMConfig
 from mil.models import create_model
 
 
@@ -120,11 +121,12 @@ def test_our_own_state_dicts_pass_unchanged():
 
 
 def test_teacher_init_finds_a_released_teacher_folder(tmp_path):
-    from mil.trainer import TrainConfig, _teacher_source
+    from mil.checkpoints import teacher_source
+    from mil.train_config import TrainConfig
 
     folder = tmp_path / "c16_3fold_init_abmil_seed2021"
     folder.mkdir()
     for k in range(3):
         torch.save(_official_abmil(False, torch.Generator().manual_seed(k)), folder / f"fold_{k}_model_best_auc.pt")
     cfg = TrainConfig(model="abmil", model_kw={"gated": False}, mhim={}, teacher_init=str(folder))
-    assert _teacher_source(cfg, tmp_path / "fold_1", 2021, 1) == folder / "fold_1_model_best_auc.pt"
+    assert teacher_source(cfg, tmp_path / "fold_1", 2021, 1) == folder / "fold_1_model_best_auc.pt"

@@ -9,7 +9,8 @@ import torch
 
 from extract.errors import ConfigError
 from mil.grn import GlobalRecycleNetwork
-from mil.mhim import MHIM, MHIMConfig
+from mil.mhim import MHIM
+from mil.train_config import MHIMConfig
 
 from contract_students import IdStudent, TinyABMIL, ce, gen, id_bag
 

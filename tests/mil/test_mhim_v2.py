@@ -17,10 +17,13 @@ import yaml
 from extract.bags import write_bag
 from mil.data import LabelMap, Targets, load_bags, make_targets, synthetic_bags
 from mil.grn import GlobalRecycleNetwork
-from mil.mhim import MHIM, n_masked
+from mil.masking import n_masked
+from mil.mhim import MHIM
 from mil.models import create_model
 from mil.survival import nll_survival_loss
-from mil.trainer import load_student, predict_bags, read_checkpoint, train_fold
+from mil.checkpoints import load_student, read_checkpoint
+from mil.inference import predict_bags
+from mil.trainer import train_fold
 from pipeline.manifest import load_manifest
 from pipeline.train_stage import resolve_train_config
 
@@ -61,7 +64,7 @@ def test_every_v2_recipe_loads_with_the_v2_defaults(name):
     config, path = resolve_train_config({"recipe": name}, Path.cwd())
     assert path == RECIPE_DIR / f"{name}.yaml" and config.model == model and config.task == task
     assert config.teacher_init == "auto" and config.student_init == "none"
-    m = config.mhim_config()
+    m = config.mhim
     assert (m.teacher_momentum, m.momentum_schedule, m.cl_alpha, m.t_teacher) == (0.9997, "constant", 0.5, 0.1)
     assert m.mask_score == "class_prob" and m.mask_ratio_h in (0.01, 0.03, 0.05)
     assert m.mask_ratio == 0.0 and m.mask_ratio_l == 0.0 and m.mask_ratio_hr is None and m.mrh_schedule == "none"
@@ -73,7 +76,7 @@ def test_every_v2_recipe_loads_with_the_v2_defaults(name):
         assert config.selection_metric == "auc" and config.classes is None  # classes from the manifest
     # inline keys refine the recipe's mhim section key by key
     refined, _ = resolve_train_config({"recipe": name, "mhim": {"grn_tokens": 10}, "epochs": 3}, Path.cwd())
-    assert refined.mhim_config().grn_tokens == 10 and refined.mhim_config().keep_ratio == m.keep_ratio
+    assert refined.mhim.grn_tokens == 10 and refined.mhim.keep_ratio == m.keep_ratio
     assert refined.epochs == 3
 
     # one v2 step of the recipe's student: HAM on the class-aware probability, then the GRN
@@ -159,7 +162,7 @@ def test_v2_survival_learns_a_hazard_driven_by_rare_instances(tmp_path):
         {"recipe": "mhimv2_abmil_survival", "epochs": 20, "lr": 1e-3, "patience": None, "min_epochs": 0,
          "device": "cpu", "model_kw": SMALL_ABMIL,
          "mhim": {"mask_ratio_h": 0.01, "keep_ratio": 0.9, "grn_tokens": 1}}, Path.cwd())
-    assert config.mhim_config().mask_score == "class_prob" and config.teacher_init == "auto"
+    assert config.mhim.mask_score == "class_prob" and config.teacher_init == "auto"
     result = train_fold(bags, split, config, tmp_path / "fold", targets=targets, seed=2021, fold=0)
 
     assert result.metric == "c_index" and result.best_value > 0.65, result.val_metrics

@@ -97,7 +97,7 @@ def _ours(cfg) -> dict:
     d = cfg.to_dict()
     flat = {k: v for k, v in d.items() if not isinstance(v, dict)}
     flat["seeds"] = tuple(d["seeds"])
-    mh = cfg.mhim_config()
+    mh = cfg.mhim
     import dataclasses
 
     for k, v in dataclasses.asdict(mh).items():

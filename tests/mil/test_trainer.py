@@ -15,14 +15,10 @@ import torch
 from extract.bags import write_bag
 from extract.errors import CheckpointError, ConfigError
 from mil.data import LabelMap, Targets, load_bags, synthetic_bags
-from mil.trainer import (
-    EarlyStopping,
-    TrainConfig,
-    load_student,
-    predict_bags,
-    read_checkpoint,
-    train_fold,
-)
+from mil.checkpoints import load_student, read_checkpoint
+from mil.inference import predict_bags
+from mil.train_config import TrainConfig
+from mil.trainer import EarlyStopping, train_fold
 
 MHIM = {"mask_ratio": 0.5, "mask_ratio_h": 0.01, "mask_ratio_hr": 0.5, "mrh_schedule": "cosine", "cl_alpha": 0.1}
 
@@ -287,3 +283,18 @@ def test_standardized_features_are_learned_and_reapplied_at_inference(cohort, tm
     np.testing.assert_allclose(raw["logits"], manual, rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="feature_norm"):
         TrainConfig(feature_norm="minmax")
+
+
+def test_bf16_on_the_cpu_trains_under_bf16_autocast(cohort, tmp_path):
+    """One autocast rule everywhere (extract.runtime.autocast_dtype): an explicit bf16 is honoured
+    on the CPU too, as extraction does, instead of silently training in fp32."""
+    bags, targets, split = cohort
+    seen = set()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.add(o.dtype) if isinstance(m, torch.nn.Linear) and m.training else None)
+    try:
+        res = train_fold(bags, split, config(epochs=1, precision="bf16"), tmp_path / "fold_0", targets=targets)
+    finally:
+        handle.remove()
+    assert res.status == "done" and math.isfinite(float(history(tmp_path / "fold_0" / "history.csv")[0]["train_loss"]))
+    assert torch.bfloat16 in seen

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mil.mhim import MHIM, MHIMConfig
+from mil.mhim import MHIM
+from mil.train_config import MHIMConfig
 from mil.models import count_parameters, create_model
 from mil.models.nystrom import newton_schulz_pinv
 from mil.models.transmil_mhim import ppeg_unpadded

@@ -50,10 +50,12 @@ def test_listings_and_help_load_no_torch(args, expect):
 
 
 def test_model_listing_agrees_with_the_registry():
-    from mil.model_catalog import model_summaries
+    from mil.model_catalog import model_options, model_summaries
     from mil.models import list_models, model_info
 
     assert model_summaries() == {name: model_info(name).summary for name in list_models()}
+    # what TrainConfig validates model_kw against without importing torch
+    assert model_options() == {name: model_info(name).options for name in list_models()}
 
 
 def test_a_flag_typo_names_the_subcommands_closest_flag():
@@ -76,3 +78,26 @@ def test_manifest_errors_answer_before_torch_and_write_nothing(tmp_path):
         assert not ws.exists(), f"{command} wrote {list(ws.rglob('*'))} before the manifest passed"
     res = cli("evaluate", "--workspace", str(ws), "--experiment", "nope")
     assert res.returncode == 2 and "no such experiment" in res.stderr and not ws.exists()
+
+
+def test_train_config_module_imports_no_torch():
+    code = ("import sys, mil.train_config, extract.runtime; "
+            "print(','.join(m for m in ('torch', 'timm', 'sklearn', 'pandas') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "", f"mil.train_config imported {res.stdout.strip()}"
+
+
+@pytest.mark.parametrize("section, message", [
+    ("  epochz: 3", "'train.epochz' (did you mean 'epochs'?)"),
+    ("  mhim: {mask_ration: 0.3}", "'train.mhim.mask_ration' (did you mean 'mask_ratio'?)"),
+    ("  lr: -1", "The 'lr' parameter of TrainConfig must be a float > 0"),
+])
+def test_a_train_section_error_answers_before_torch(tmp_path, section, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"name: x\nmanifest: m.csv\nworkspace: ws\ntrain:\n  recipe: mhim_abmil_c16\n{section}\n")
+    res = cli("train", "--config", str(cfg), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert heavy(res) == "", f"a train-section error imported {heavy(res)} before answering"

@@ -79,7 +79,7 @@ def _write_cohort(root: Path, ws: Path, ids: list[str], labels: list[str] | None
 @pytest.fixture(scope="module")
 def binary_experiment(tmp_path_factory):
     """16 slides, abmil baseline, 2 folds, 4 epochs on the CPU, trained by the real train stage."""
-    from mil.trainer import TrainConfig
+    from mil.train_config import TrainConfig
     from pipeline.train_stage import run_training
 
     root = tmp_path_factory.mktemp("binary")
@@ -314,7 +314,7 @@ def test_external_manifest_is_scored_by_every_fold_and_ensembled(binary_experime
 @pytest.fixture(scope="module")
 def survival_experiment(tmp_path_factory):
     """18 slides with times and events, 2 seeds x 2 folds, 2 epochs."""
-    from mil.trainer import TrainConfig
+    from mil.train_config import TrainConfig
     from pipeline.train_stage import run_training
 
     root = tmp_path_factory.mktemp("survival")
@@ -354,7 +354,7 @@ def test_evaluate_survival_cindex_km_and_median_validation_split(survival_experi
 
 
 def test_evaluate_multiclass_experiment(tmp_path):
-    from mil.trainer import TrainConfig
+    from mil.train_config import TrainConfig
     from pipeline.evaluate_stage import run_evaluation
     from pipeline.train_stage import run_training
 

@@ -8,14 +8,15 @@ import pandas as pd
 import pytest
 import torch
 
-from mil.trainer import load_student, predict_bags
+from mil.checkpoints import load_student
+from mil.inference import predict_bags
 from tests.pipeline.test_evaluate import _write_cohort
 
 
 def test_teacher_is_scored_next_to_the_student(tmp_path):
     from mil.data import load_bags
     from mil.metrics import binary_metrics
-    from mil.trainer import TrainConfig
+    from mil.train_config import TrainConfig
     from pipeline.evaluate_stage import run_evaluation
     from pipeline.train_stage import run_training
 

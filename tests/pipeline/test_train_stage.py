@@ -17,7 +17,7 @@ import yaml
 from extract.bags import write_bag
 from extract.errors import ConfigError
 from mil.data import synthetic_bags
-from mil.trainer import TrainConfig
+from mil.train_config import TrainConfig
 from pipeline.cli import main
 from pipeline.train_stage import experiment_runs, resolve_train_config, run_training
 
@@ -156,7 +156,7 @@ def test_run_training_mhim_with_two_seeds(workspace):
     ws, manifest = workspace
     cfg, _ = resolve_train_config({"recipe": "mhim_abmil_c16", "epochs": 1, "min_epochs": 0, "folds": 2,
                                    "seeds": [5, 6], "device": "cpu", "lr": 1e-3}, Path.cwd())
-    assert isinstance(cfg, TrainConfig) and cfg.mhim["mask_ratio"] == 0.5
+    assert isinstance(cfg, TrainConfig) and cfg.mhim.mask_ratio == 0.5
     exp = run_training(manifest, ws, None, cfg, "mhim_two_seeds", resume=False, progress=False)
     runs = experiment_runs(exp)
     assert [(r["seed"], r["fold"]) for r in runs] == [(5, 0), (5, 1), (6, 0), (6, 1)]

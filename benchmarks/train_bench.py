@@ -81,8 +81,8 @@ def _warm_up(spec: dict, dim: int, device) -> None:
     import torch.nn.functional as F
 
     from mil.mhim import MHIM
-    from mil.train_config import MHIMConfig
     from mil.models import create_model
+    from mil.train_config import MHIMConfig
 
     model = create_model(spec["model"], dim, 2).to(device)
     x, y = torch.randn(1, 64, dim, device=device), torch.tensor([1], device=device)

@@ -128,7 +128,7 @@ def from_official_layout(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by :func:`train_fold` (``best.pt`` or ``last.pt``).
+    """Load a checkpoint written by :func:`mil.trainer.train_fold` (``best.pt`` or ``last.pt``).
 
     Raises
     ------

@@ -24,9 +24,11 @@ Work is planned in *groups*: patches are binned into bands of about ``block_px``
 along the coordinates' slow axis (aligned to the file's tile grid) and segments along the fast
 axis; a group is swept along the fast axis through a per-process LRU cache of decoded tiles,
 so every stored tile a group touches is decoded once, and tiles a group shares with the
-previous group in the same process are not decoded again. Groups go to a torch DataLoader
-whose workers each open their own handles; the consumer re-assembles batches in coordinate
-order (``ordered=True``) or in arrival order with their indices (``ordered=False``: less memory).
+previous group in the same process are not decoded again. Groups go to reader processes
+(``extract/reader_pool.py``: started once per process and reused by the next slide) that each
+open their own handles and decode into shared memory; the consumer re-assembles batches in
+coordinate order (``ordered=True``) or in arrival order with their indices (``ordered=False``:
+less memory).
 
 Pixel sources, per pyramid level:
 - ``tiff`` (fast path) for Aperio SVS and generic tiled TIFF: the level's TIFF page is found by
@@ -504,6 +506,7 @@ class ReadReport:
     sources: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    workers_started: int = 0  # reader processes started for this read (0: an earlier read's reused)
 
     @property
     def patches_per_s(self) -> float:
@@ -761,49 +764,23 @@ class PatchReader:
 
 
 def _resize_into(src: np.ndarray, dst: np.ndarray, cv2) -> None:
+    """Resize ``src`` into ``dst`` in place (no temporary: OpenCV writes a matching ``dst`` view)."""
     if src.shape[:2] == dst.shape[:2]:
         dst[...] = src
         return
     shrink = src.shape[0] > dst.shape[0]
-    dst[...] = cv2.resize(
-        src, (dst.shape[1], dst.shape[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    )
+    out = cv2.resize(src, (dst.shape[1], dst.shape[0]), dst=dst,
+                     interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if out is not dst:  # an OpenCV build that reallocated instead of writing in place
+        dst[...] = out
 
 
 # ---------------------------------------------------------------------------------------------
 # Worker pool
 # ---------------------------------------------------------------------------------------------
-class _GroupDataset:
-    """Map-style dataset over work groups (torch DataLoader protocol)."""
-
-    def __init__(self, reader: PatchReader, coords: np.ndarray, groups: list[np.ndarray]):
-        self.reader, self.coords, self.groups = reader, coords, groups
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, i: int) -> GroupResult:
-        import torch
-
-        group = self.groups[i]
-        if torch.utils.data.get_worker_info() is None:
-            return self.reader.read_group(self.coords, group)
-        # Tensors cross the process boundary through shared memory (arrays would be pickled),
-        # so the patches are decoded straight into a shared buffer.
-        S = self.reader.out_px
-        shared = torch.empty((len(group), S, S, 3), dtype=torch.uint8).share_memory_()
-        result = self.reader.read_group(self.coords, group, out=shared.numpy())
-        if len(result.indices) == len(group):
-            result.patches = shared
-        else:  # some patches dropped: ship only the kept rows
-            kept = torch.empty(result.patches.shape, dtype=torch.uint8).share_memory_()
-            kept.numpy()[...] = result.patches
-            result.patches = kept
-        return result
-
-
 # Modules the fork server imports once, so each reader worker starts in milliseconds.
-_FORKSERVER_PRELOAD = ["numpy", "cv2", "torch", "openslide", "tifffile", "imagecodecs", "extract.patch_reader"]
+_FORKSERVER_PRELOAD = ["numpy", "cv2", "torch", "openslide", "tifffile", "imagecodecs", "extract.patch_reader",
+                      "extract.reader_pool"]
 
 
 def _worker_context(name: str):
@@ -827,10 +804,6 @@ def _worker_init(_worker_id: int) -> None:
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-
-
-def _identity(x):
-    return x
 
 
 class PatchBatches:
@@ -858,20 +831,20 @@ class PatchBatches:
         return -(-len(self.coords) // self.batch_size)
 
     def _results(self) -> Iterator[GroupResult]:
-        if self.num_workers == 0:
+        if self.num_workers == 0 or not self.groups:
             for group in self.groups:
                 yield self.reader.read_group(self.coords, group)
             return
-        import torch
+        from .reader_pool import acquire_pool, release_pool
 
-        dataset = _GroupDataset(self.reader, self.coords, self.groups)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
-            collate_fn=_identity, worker_init_fn=_worker_init,
-            prefetch_factor=max(1, self.prefetch_groups), persistent_workers=False,
-            multiprocessing_context=_worker_context(self.mp_context),
-        )
-        yield from loader
+        # Workers outlive this slide: the next slide's read starts without starting processes.
+        pool = acquire_pool(self.num_workers, self.mp_context)
+        self.report.workers_started = pool.started
+        pool.started = 0
+        try:
+            yield from pool.run(self.reader, self.coords, self.groups, self.prefetch_groups)
+        finally:
+            release_pool(pool)
 
     def _emit(self, parts: list[tuple[np.ndarray, int]], indices: list[int]):
         b = len(parts)

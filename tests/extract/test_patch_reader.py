@@ -150,6 +150,45 @@ def test_order_preserved_with_two_workers(slides_dir):
     assert np.array_equal(np.concatenate([p for _, p in unordered]), expected[idx])
 
 
+def test_reader_workers_serve_slide_after_slide_and_survive_an_abandoned_or_killed_read(slides_dir):
+    import multiprocessing
+    import os
+    import signal
+
+    path = slides_dir / "cmu_small_region.svs"
+    rng = np.random.default_rng(3)
+    coords = np.stack([rng.integers(0, 2000, 60), rng.integers(0, 2700, 60)], axis=1)
+    reader = PatchReader(path, 256, 128, block_px=256)  # small work groups: ~20 of them
+    _, expected, _ = reader.read(coords)
+    assert len(reader.plan(coords)) >= 12
+
+    def read_all():
+        batches = iter_patch_batches(reader, coords, batch_size=8, num_workers=1)
+        patches = np.concatenate([p for _, p in batches])
+        return patches, batches.report
+
+    read_all()
+    patches, report = read_all()  # the next slide: no process started
+    assert report.workers_started == 0 and np.array_equal(patches, expected)
+    # a consumer that stops after one batch leaves nothing behind for the next read
+    abandoned = iter(iter_patch_batches(reader, coords, batch_size=8, num_workers=1, prefetch_groups=8))
+    next(abandoned)
+    abandoned.close()
+    patches, report = read_all()
+    assert report.workers_started == 0 and np.array_equal(patches, expected)
+    # a worker killed mid-slide: that read fails in one line, the next one starts fresh workers
+    batches = iter(iter_patch_batches(reader, coords, batch_size=8, num_workers=1))
+    next(batches)
+    for proc in multiprocessing.active_children():
+        if proc.name.startswith("wsi-reader-"):
+            os.kill(proc.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="exited unexpectedly.*--num-workers 0"):
+        list(batches)
+    patches, report = read_all()
+    assert report.workers_started == 1 and np.array_equal(patches, expected)
+    reader.close()
+
+
 def test_empty_coords_and_bad_parameters(slides_dir):
     path = slides_dir / "cmu_small_region.svs"
     assert list(iter_patch_batches(path, np.zeros((0, 2), np.int64), 256, 256)) == []

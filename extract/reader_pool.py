@@ -29,6 +29,7 @@ import itertools
 import os
 import queue
 import threading
+import time
 import traceback
 
 import numpy as np
@@ -92,13 +93,26 @@ class ReaderPool:
             try:
                 return self.results.get(timeout=_POLL_S)
             except queue.Empty:
-                dead = [p for p in self.procs if not p.is_alive()]
-                if dead:
-                    self.broken = True
-                    raise RuntimeError(
-                        f"reader worker {dead[0].name} (pid {dead[0].pid}) exited unexpectedly with code "
-                        f"{dead[0].exitcode} (killed for memory, or a crash in a decoder); rerun, or use "
-                        "--num-workers 0 to read in the main process") from None
+                self._raise_if_dead(0.0)
+            except (OSError, EOFError):
+                # A result whose sender died before handing over its shared memory: name the death.
+                self._raise_if_dead(5.0)
+                raise
+
+    def _raise_if_dead(self, wait_s: float) -> None:
+        """RuntimeError naming a dead worker (waiting up to ``wait_s`` for the death to show)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = [p for p in self.procs if not p.is_alive()]
+            if dead:
+                self.broken = True
+                raise RuntimeError(
+                    f"reader worker {dead[0].name} (pid {dead[0].pid}) exited unexpectedly with code "
+                    f"{dead[0].exitcode} (killed for memory, or a crash in a decoder); rerun, or use "
+                    "--num-workers 0 to read in the main process") from None
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def close(self) -> None:
         if self.pid != os.getpid():

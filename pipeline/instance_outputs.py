@@ -187,14 +187,16 @@ def patch_geometry(bag_path: Path | None, coords_path: Path | None, slide_id: st
 
 def write_instance_file(path: Path, slide: SlideInstances, geometry: Mapping[str, Any],
                         group_of: Mapping[tuple, str], task: str, classes: Sequence[str] | None) -> None:
-    """``path``: the instance-score HDF5 of one slide (module docstring), written atomically."""
-    import os
+    """``path``: the instance-score HDF5 of one slide (module docstring), built in memory and
+    written atomically (:func:`extract.runtime.atomic_write`: temporary file, fsync, rename)."""
+    import io
 
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.h5")
-    with h5py.File(tmp, "w") as f:
+    from extract.runtime import atomic_write
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
         f.attrs.update(format_version=FORMAT_VERSION, task=task, slide_id=slide.slide_id,
                        absolute_value=weight_label(task, classes))
         if classes:
@@ -218,9 +220,7 @@ def write_instance_file(path: Path, slide: SlideInstances, geometry: Mapping[str
                 if (c.startswith("prob_") or c in ("risk", "prediction", "risk_group")) and v is not None \
                         and not (isinstance(v, float) and math.isnan(v)):
                     g.attrs[c] = v
-        f.flush()
-        os.fsync(f.id.get_vfd_handle())
-    os.replace(tmp, path)
+    atomic_write(path, lambda out: out.write(buffer.getvalue()))
 
 
 def heatmap_rows(rows: pd.DataFrame, n: int | None, task: str, classes: Sequence[str] | None) -> list[dict]:

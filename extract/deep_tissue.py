@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import CheckpointError, ConfigError
+from .runtime import autocast, autocast_dtype
 
 __all__ = ["SegmenterSpec", "SEGMENTERS", "list_segmenters", "build_segmenter", "load_segmenter", "DeepSegmenter"]
 
@@ -161,8 +162,8 @@ class DeepSegmenter:
         mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
         labels = np.zeros((len(tiles), t, t), np.uint8)
-        use_amp = self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
+        half = autocast_dtype(self.device, "auto", preferred="fp16")  # fp16 on CUDA, fp32 on the CPU
+        with torch.inference_mode(), autocast(self.device, half):
             for i in range(0, len(tiles), batch_size):
                 x = torch.from_numpy(tiles[i:i + batch_size]).to(self.device, non_blocking=True)
                 x = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std

@@ -17,8 +17,8 @@ from extract.geojson import (
     validate_feature_collection,
 )
 from pipeline.cli import main
-from tests.pipeline.test_segment_stage import coords_of
-from tests.pipeline.test_segment_stage import status as _status
+from tests.helpers import coords_of
+from tests.helpers import read_status as _status
 
 
 def _coords(seg: Path, sid: str) -> np.ndarray:

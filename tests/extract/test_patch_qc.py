@@ -81,12 +81,9 @@ def test_training_drops_patches_by_qc_and_evaluate_reuses_the_rules(tmp_path):
     from mil.train_config import TrainConfig
     from pipeline.evaluate_stage import run_evaluation
     from pipeline.train_stage import run_training
-    from tests.pipeline.test_evaluate import _write_cohort
+    from tests.helpers import binary_cohort
 
-    ws = tmp_path / "ws"
-    features = ws / "features" / "test_backbone" / "mpp0.50_64px"
-    ids = [f"q{i:02d}" for i in range(12)]
-    manifest = _write_cohort(tmp_path, ws, ids, ["tumor" if i % 2 else "normal" for i in range(12)], 1, features)
+    ws, features, manifest, ids, _ = binary_cohort(tmp_path, 12, seed=1, prefix="q")
     config = TrainConfig(model="abmil", model_kw={"embed_dim": 8, "attn_dim": 4}, epochs=2, folds=2, lr=1e-2,
                          seeds=(0,), device="cpu", mhim=None, patience=None, val_ratio=0.3)
     with pytest.raises(BagError, match="re-extract with --qc blur"):

@@ -13,7 +13,7 @@ from extract.errors import ConfigError
 from mil.cases import case_bags, expand_to_slides, group_cases, split_by_slide, survival_strata
 from mil.data import BagSet
 from pipeline.manifest import SlideRow
-from tests.pipeline.test_evaluate import DIM, _write_cohort
+from tests.helpers import DIM, write_cohort
 
 
 def _rows(spec):
@@ -68,7 +68,7 @@ def _case_cohort(tmp_path, survival=False):
             case_of[sid] = f"case{c:02d}"
             labels.append("tumor" if c % 2 else "normal")
             surv.append((t, int(c % 3 != 0)))
-    manifest = _write_cohort(tmp_path, ws, ids, None if survival else labels, 1, features,
+    manifest = write_cohort(tmp_path, ids, None if survival else labels, 1, features,
                              survival=surv if survival else None)
     table = pd.read_csv(manifest, dtype=str)
     table.insert(1, "case_id", [case_of[s] for s in table.slide_id])

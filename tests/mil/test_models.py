@@ -35,13 +35,7 @@ FAST = {"transmil": {"num_landmarks": 16}}
 LINEAR_HEAD = {"abmil", "transmil", "dsmil", "clam_sb", "meanpool", "dtfd"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small ops on a shared 2-core machine: one thread is several times faster than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread on a shared 2-core box
 
 
 def build(name: str, in_dim: int = 32, n_classes: int = 2, seed: int = 0, **kw) -> MILModel:
@@ -450,7 +444,8 @@ def _synthetic_bags(n_bags=40, dim=32, seed=0):
     return bags, torch.tensor(labels)
 
 
-LEARN_KW = {"transmil": {"embed_dim": 64, "heads": 4, "num_landmarks": 32}}
+#: Small transformers for the CPU (the learning, not the paper's sizes, is what is tested here).
+LEARN_KW = {name: {"embed_dim": 64, "heads": 4, "num_landmarks": 32} for name in ("transmil", "transmil_mhim")}
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -12,33 +12,25 @@ import numpy as np
 import pytest
 import torch
 
-from extract.bags import write_bag
 from extract.errors import CheckpointError, ConfigError
 from mil.data import LabelMap, Targets, load_bags, synthetic_bags
 from mil.checkpoints import load_student, read_checkpoint
 from mil.inference import predict_bags
 from mil.train_config import TrainConfig
 from mil.trainer import EarlyStopping, train_fold
+from tests.helpers import write_bags
 
 MHIM = {"mask_ratio": 0.5, "mask_ratio_h": 0.01, "mask_ratio_hr": 0.5, "mrh_schedule": "cosine", "cl_alpha": 0.1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: intra-op threads only add contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread on a shared 2-core box
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """60 bags (80-160 instances, 32-d) as real HDF5 files; positives carry 1-3 % witnesses."""
-    folder = tmp_path_factory.mktemp("features")
     feats, labels = synthetic_bags(60, (80, 160), 32, witness_ratio=(0.01, 0.03), shift=5.0, seed=0)
-    for sid, x in feats.items():
-        write_bag(folder / f"{sid}.h5", x, np.zeros((len(x), 2), np.int64), attrs={"backbone": "synthetic"})
+    folder = write_bags(tmp_path_factory.mktemp("features"), feats, attrs={"backbone": "synthetic"})
     ids = list(feats)
     bags = load_bags(folder, ids)
     targets = Targets("classification", y=labels, labels=LabelMap(("0", "1")))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import errno
 import os
 import signal
@@ -18,14 +17,10 @@ from pipeline.logging_setup import attach_run_log
 from pipeline.manifest import SlideRow
 from pipeline.os_errors import workspace_problem
 from pipeline.runner import SlideOutcome, run_slides
+from tests.helpers import read_status as status
 
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def status(folder: Path) -> dict:
-    with open(folder / "status.csv") as f:
-        return {r["slide_id"]: r for r in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from extract.errors import CheckpointError, ConfigError
 from mil.metrics import binary_metrics, concordance_index, multiclass_metrics, youden_threshold
 from mil.evaluation import PROTOCOLS
 from pipeline.evaluate_stage import parse_heatmaps
+from tests.helpers import PATCH0, write_cohort
 
 def test_parse_heatmaps():
     assert parse_heatmaps(None) == 0 and parse_heatmaps("3") == 3 and parse_heatmaps("all") is None
@@ -32,68 +33,6 @@ def test_evaluate_config_names_the_valid_choices(bad, message):
 
 
 # -- end to end: a really trained tiny experiment -----------------------------------------------
-
-PATCH0 = 64  # level-0 patch side of the generated bags
-DIM = 8
-
-
-def _write_cohort(root: Path, ws: Path, ids: list[str], labels: list[str] | None, seed: int,
-                  features_dir: Path, survival: list[tuple[float, int]] | None = None,
-                  with_label_column: bool = True) -> Path:
-    """Generated slides (small pyramidal SVS), their bags and a manifest; returns the manifest path."""
-    from extract.bags import write_bag
-    from extract.synthetic import write_svs
-
-    rng = np.random.default_rng(seed)
-    slides = root / "slides"
-    slides.mkdir(parents=True, exist_ok=True)
-    features_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, sid in enumerate(ids):
-        w, h = (1280, 640) if i % 2 else (960, 720)
-        image = np.full((h, w, 3), 240, np.uint8)
-        coords = np.array([(x, y) for y in range(64, h - PATCH0, PATCH0) for x in range(64, w - PATCH0, PATCH0)])
-        for x, y in coords:
-            image[y:y + PATCH0, x:x + PATCH0] = rng.integers(120, 220, 3)
-        write_svs(slides / f"{sid}.svs", image, mpp=0.5, min_level_px=128)
-        feats = rng.normal(0, 1, (len(coords), DIM)).astype(np.float32)
-        # a few strongly shifted instances make the class (or early events) learnable
-        shift = sorted(set(labels)).index(labels[i]) if labels is not None else int(survival[i][0] < 20)
-        if shift:
-            feats[: max(3, len(coords) // 4), 2 * shift:2 * shift + 2] += 4.0
-        write_bag(features_dir / f"{sid}.h5", feats, coords,
-                  attrs={"backbone": "test", "patch_size_level0": PATCH0, "target_mpp": 0.5})
-        row = [sid, f"slides/{sid}.svs"]
-        if labels is not None and with_label_column:
-            row.append(labels[i])
-        if survival is not None:
-            row += [f"{survival[i][0]:g}", str(survival[i][1])]
-        lines.append(",".join(row))
-    header = ["slide_id", "path"] + (["label"] if labels is not None and with_label_column else []) \
-        + (["time", "event"] if survival is not None else [])
-    manifest = root / "manifest.csv"
-    manifest.write_text(",".join(header) + "\n" + "\n".join(lines) + "\n")
-    return manifest
-
-
-@pytest.fixture(scope="module")
-def binary_experiment(tmp_path_factory):
-    """16 slides, abmil baseline, 2 folds, 4 epochs on the CPU, trained by the real train stage."""
-    from mil.train_config import TrainConfig
-    from pipeline.train_stage import run_training
-
-    root = tmp_path_factory.mktemp("binary")
-    ws = root / "ws"
-    features = ws / "features" / "test_backbone" / "mpp0.50_64px"
-    ids = [f"s{i:02d}" for i in range(16)]
-    labels = ["tumor" if i % 2 else "normal" for i in range(16)]
-    manifest = _write_cohort(root, ws, ids, labels, 0, features)
-    # 8 epochs: the classes separate (test p(tumor) about 0.8 vs 0.3), so heatmaps can be compared
-    config = TrainConfig(model="abmil", model_kw={"embed_dim": 16, "attn_dim": 8}, epochs=8, folds=2, lr=1e-2,
-                         seeds=(0,), device="cpu", mhim=None, patience=None, val_ratio=0.3)
-    run_training(manifest, ws, features, config, "exp", progress=False)
-    return {"root": root, "ws": ws, "manifest": manifest, "features": features}
-
 
 def _read_outputs(out_dir: Path) -> tuple[dict, pd.DataFrame]:
     metrics = json.loads((out_dir / "metrics.json").read_text())
@@ -166,7 +105,7 @@ def test_instance_scores_behind_every_test_slide_and_absolute_heatmaps(binary_ex
     from extract.slide import Slide
     from pipeline.heatmaps import ALPHA_FLOOR, _colormap
     from pipeline.evaluate_stage import run_evaluation
-    from tests.pipeline.test_heatmaps import _panel_box, _read_png
+    from tests.helpers import panel_box, read_png
 
     ws, features = binary_experiment["ws"], binary_experiment["features"]
     out = run_evaluation(ws, "exp", heatmaps="all", n_boot=10, device="cpu")
@@ -194,8 +133,8 @@ def test_instance_scores_behind_every_test_slide_and_absolute_heatmaps(binary_ex
     # the pictures: the hottest patch's pixel is the value's colour on the range [0, 1]
     lut = _colormap("viridis").astype(float)
     for sid, (value, (x, y), _) in ((s, peak[s]) for s in peak if peak[s] in (tumour, normal)):
-        heat = _read_png(out / "heatmaps" / f"{sid}.png")
-        px, py, pw, ph = _panel_box(heat)
+        heat = read_png(out / "heatmaps" / f"{sid}.png")
+        px, py, pw, ph = panel_box(heat)
         with Slide(binary_experiment["root"] / "slides" / f"{sid}.svs") as slide:
             W, H = slide.dimensions
             tissue = slide.read_region((int(x) + 16, int(y) + 16), 0, (32, 32)).reshape(-1, 3).mean(0)
@@ -273,7 +212,7 @@ def test_external_manifest_is_scored_by_every_fold_and_ensembled(binary_experime
     ids = [f"x{i}" for i in range(6)]
     labels = ["tumor", "normal"] * 3
     ext_features = ext_root / "features"
-    manifest = _write_cohort(ext_root, ws, ids, labels, 5, ext_features)
+    manifest = write_cohort(ext_root, ids, labels, 5, ext_features)
     internal, _ = _read_outputs(ws / "experiments" / "exp" / "evaluation") if (
         ws / "experiments" / "exp" / "evaluation" / "metrics.json").is_file() else (None, None)
     out = run_evaluation(ws, "exp", manifest=manifest, features=ext_features, n_boot=100, device="cpu", heatmaps=1)
@@ -323,7 +262,7 @@ def survival_experiment(tmp_path_factory):
     rng = np.random.default_rng(4)
     ids = [f"p{i:02d}" for i in range(18)]
     surv = [(float(rng.uniform(2, 60)), int(i % 3 != 0)) for i in range(18)]
-    manifest = _write_cohort(root, ws, ids, None, 1, features, survival=surv)
+    manifest = write_cohort(root, ids, None, 1, features, survival=surv)
     config = TrainConfig(model="abmil", model_kw={"embed_dim": 16, "attn_dim": 8}, task="survival", n_bins=2,
                          epochs=2, folds=2, seeds=(0, 1), device="cpu", mhim=None, patience=None, val_ratio=0.3)
     run_training(manifest, ws, features, config, "surv", progress=False)
@@ -362,7 +301,7 @@ def test_evaluate_multiclass_experiment(tmp_path):
     features = ws / "features" / "test_backbone" / "mpp0.50_64px"
     ids = [f"m{i:02d}" for i in range(15)]
     labels = [("luad", "lusc", "meso")[i % 3] for i in range(15)]
-    manifest = _write_cohort(tmp_path, ws, ids, labels, 2, features)
+    manifest = write_cohort(tmp_path, ids, labels, 2, features)
     config = TrainConfig(model="abmil", model_kw={"embed_dim": 16, "attn_dim": 8}, epochs=2, folds=2, lr=1e-2,
                          seeds=(0,), device="cpu", mhim=None, patience=None, val_ratio=0.3)
     run_training(manifest, ws, features, config, "mc", progress=False)

@@ -1,7 +1,5 @@
 """`wsi-pipeline extract` through the CLI: bags per backbone, order, determinism, bad slides, resume."""
 
-import csv
-import os
 import signal
 import subprocess
 import sys
@@ -15,13 +13,9 @@ import pytest
 from extract.bags import read_bag
 from extract.synthetic import make_cohort
 from pipeline.cli import main
+from tests.helpers import read_status as status
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def status(folder: Path) -> dict:
-    with open(folder / "status.csv") as f:
-        return {r["slide_id"]: r for r in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="module")

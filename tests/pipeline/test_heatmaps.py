@@ -11,7 +11,6 @@ import pytest
 from extract.errors import ConfigError
 from pipeline.heatmaps import (
     ALPHA_FLOOR,
-    FRAME,
     _colormap,
     absolute_scores,
     draw_gallery,
@@ -24,24 +23,9 @@ from pipeline.heatmaps import (
     top_bottom,
     write_slide_heatmaps,
 )
+from tests.helpers import panel_box, read_png
 
 TISSUE = (190, 150, 200)
-
-
-def _read_png(path: Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    assert img is not None, f"{path} is not a readable image"
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def _panel_box(img: np.ndarray) -> tuple[int, int, int, int]:
-    """(x, y, w, h) of the heatmap panel: inside the largest FRAME-coloured rectangle."""
-    mask = np.all(img == np.array(FRAME, np.uint8), axis=2).astype(np.uint8)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    assert n > 1, "no frame found around the heatmap panel"
-    best = max(range(1, n), key=lambda i: stats[i, cv2.CC_STAT_WIDTH] * stats[i, cv2.CC_STAT_HEIGHT])
-    x, y, w, h = (int(stats[best, k]) for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
-    return x + 1, y + 1, w - 2, h - 2
 
 
 def _grid(x0: int, y0: int, nx: int, ny: int, step: int) -> np.ndarray:
@@ -90,7 +74,7 @@ def test_draw_heatmap_colours_patches_by_rank_and_keeps_the_thumbnail_shape():
     # patch 3: lowest score, drawn fainter so the tissue shows through
     np.testing.assert_allclose(panel[20, 140], blend(lut[0], 0.5 * ALPHA_FLOOR), atol=1)
     np.testing.assert_array_equal(panel[85, 10], [200, 200, 200])  # no patch there
-    assert _panel_box(img) == lay.panel
+    assert panel_box(img) == lay.panel
 
 
 def test_heatmap_identical_under_monotone_transform_of_scores():
@@ -166,8 +150,8 @@ def test_write_slide_heatmaps_pngs_have_slide_aspect_and_right_gallery(marked_sl
     heat_path, gallery_path = write_slide_heatmaps(
         path, coords, scores, 128, tmp_path / "heatmaps", "marked", title="marked  label 1  p(1) 0.9", k=3)
     assert heat_path == tmp_path / "heatmaps" / "marked.png" and gallery_path.name == "marked_gallery.png"
-    heat = _read_png(heat_path)
-    x, y, w, h = _panel_box(heat)
+    heat = read_png(heat_path)
+    x, y, w, h = panel_box(heat)
     assert 1000 <= max(w, h) <= 1500
     assert (w / h) == pytest.approx(2400 / 1100, rel=0.02)
     # the red (top-scored) patch in the panel is coloured with the top of the colormap (viridis: yellow)
@@ -177,7 +161,7 @@ def test_write_slide_heatmaps_pngs_have_slide_aspect_and_right_gallery(marked_sl
     pixel = heat[y + int(cy / sx), x + int(cx / sx)].astype(int)
     np.testing.assert_allclose(pixel, np.round(0.4 * np.array([255, 0, 0]) + 0.6 * lut[255]), atol=6)
 
-    gallery = _read_png(gallery_path)
+    gallery = read_png(gallery_path)
     reds, blues = _coloured_tiles(gallery, "red", 128), _coloured_tiles(gallery, "blue", 128)
     assert len(reds) == 3 and len(blues) == 3
     assert max(y for _, y in reds) < min(y for _, y in blues)
@@ -204,9 +188,9 @@ def test_heatmap_on_real_slide(slides_dir, tmp_path):
     coords = _grid(0, 0, W // 256, H // 256, 256)
     scores = np.random.default_rng(0).normal(size=len(coords))
     heat_path, gallery_path = write_slide_heatmaps(path, coords, scores, 256, tmp_path, "cmu", title="cmu")
-    x, y, w, h = _panel_box(_read_png(heat_path))
+    x, y, w, h = panel_box(read_png(heat_path))
     assert (w / h) == pytest.approx(W / H, rel=0.02)
-    gallery = _read_png(gallery_path)
+    gallery = read_png(gallery_path)
     assert gallery.shape[0] > 2 * 128 and gallery.shape[1] >= 8 * 128
 
 

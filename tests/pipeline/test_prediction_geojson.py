@@ -9,7 +9,7 @@ import pandas as pd
 
 from extract.bags import read_bag
 from extract.geojson import validate_feature_collection
-from tests.pipeline.test_evaluate import PATCH0, _write_cohort, binary_experiment  # noqa: F401 (fixture)
+from tests.helpers import PATCH0, write_cohort
 
 
 def test_evaluate_exports_tiles_with_fold_scores_and_the_slide_prediction(binary_experiment):
@@ -43,7 +43,7 @@ def test_external_slides_get_every_fold_score_and_the_ensemble(binary_experiment
 
     root, ws = binary_experiment["root"], binary_experiment["ws"]
     ext = root / "ext_geo"
-    manifest = _write_cohort(ext, ws, ["g0", "g1"], ["tumor", "normal"], 7, ext / "features")
+    manifest = write_cohort(ext, ["g0", "g1"], ["tumor", "normal"], 7, ext / "features")
     out = run_evaluation(ws, "exp", manifest=manifest, features=ext / "features", n_boot=10, device="cpu")
     fc = json.loads((out / "geojson" / "g0.geojson").read_text())
     validate_feature_collection(fc)

@@ -1,32 +1,20 @@
 """`wsi-pipeline segment` on real slides and generated ones, through the CLI a user runs."""
 
-import csv
-import os
-import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from extract.synthetic import write_svs
 from pipeline.cli import main
+from tests.helpers import coords_of
+from tests.helpers import read_status as status
 
 
 def manifest(tmp_path: Path, rows: list[tuple], name="manifest.csv", header="slide_id,path,mpp") -> Path:
     path = tmp_path / name
     path.write_text(header + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
     return path
-
-
-def status(seg_dir: Path) -> dict:
-    with open(seg_dir / "status.csv") as f:
-        return {r["slide_id"]: r for r in csv.DictReader(f)}
-
-
-def coords_of(seg_dir: Path, sid: str):
-    with h5py.File(seg_dir / "coords" / f"{sid}.h5") as f:
-        return f["coords"][:], dict(f["coords"].attrs), dict(f.attrs)
 
 
 def test_clam_mode_reproduces_clams_patch_counts_and_bad_slides_fail_alone(tmp_path, slides_dir):

@@ -10,7 +10,7 @@ import torch
 
 from mil.checkpoints import load_student
 from mil.inference import predict_bags
-from tests.pipeline.test_evaluate import _write_cohort
+from tests.helpers import binary_cohort
 
 
 def test_teacher_is_scored_next_to_the_student(tmp_path):
@@ -20,11 +20,7 @@ def test_teacher_is_scored_next_to_the_student(tmp_path):
     from pipeline.evaluate_stage import run_evaluation
     from pipeline.train_stage import run_training
 
-    ws = tmp_path / "ws"
-    features = ws / "features" / "test_backbone" / "mpp0.50_64px"
-    ids = [f"s{i:02d}" for i in range(12)]
-    labels = ["tumor" if i % 2 else "normal" for i in range(12)]
-    manifest = _write_cohort(tmp_path, ws, ids, labels, 0, features)
+    ws, features, manifest, ids, labels = binary_cohort(tmp_path, 12)
     config = TrainConfig(model="abmil", model_kw={"embed_dim": 16, "attn_dim": 8}, epochs=2, folds=2, lr=1e-2,
                          seeds=(0,), device="cpu", patience=None, val_ratio=0.3,
                          mhim={"mask_ratio": 0.5, "teacher_momentum": 0.5}, teacher_init="auto")

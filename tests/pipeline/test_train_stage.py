@@ -14,20 +14,15 @@ import pytest
 import torch
 import yaml
 
-from extract.bags import write_bag
 from extract.errors import ConfigError
 from mil.data import synthetic_bags
 from mil.train_config import TrainConfig
 from pipeline.cli import main
 from pipeline.train_stage import experiment_runs, resolve_train_config, run_training
+from tests.helpers import write_bags
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread on a shared 2-core box
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +30,9 @@ def workspace(tmp_path_factory):
     """24 cases, some with two slides; bags in <ws>/features/<backbone>/<seg>/; a manifest."""
     root = tmp_path_factory.mktemp("ws")
     feats, labels = synthetic_bags(30, (40, 80), 16, shift=5.0, seed=2)
-    folder = root / "features" / "synthetic-random" / "mpp0.50_256px"
-    folder.mkdir(parents=True)
+    write_bags(root / "features" / "synthetic-random" / "mpp0.50_256px", feats)
     lines = ["slide_id,label,case_id"]
-    for i, (sid, x) in enumerate(feats.items()):
-        write_bag(folder / f"{sid}.h5", x, np.zeros((len(x), 2), np.int64))
+    for i, sid in enumerate(feats):
         case = f"case{i // 2:02d}" if i < 12 else f"case{i:02d}"  # the first 12 slides in pairs
         lines.append(f"{sid},{'tumor' if labels[sid] else 'normal'},{case}")
     manifest = root / "manifest.csv"

@@ -1,0 +1,116 @@
+"""Small builders shared by the test packages (fixtures over them live in ``tests/conftest.py``).
+
+Everything here writes real files through the product's own writers (``write_bag``,
+``write_svs``); nothing stands in for our components.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+#: Level-0 patch side (pixels) of the bags ``write_cohort`` makes.
+PATCH0 = 64
+#: Feature dimension of the bags ``write_cohort`` makes.
+DIM = 8
+
+
+def read_status(folder: Path) -> dict[str, dict]:
+    """``<stage dir>/status.csv`` as ``{slide_id: row}``."""
+    with open(Path(folder) / "status.csv", newline="") as f:
+        return {r["slide_id"]: r for r in csv.DictReader(f)}
+
+
+def coords_of(seg_dir: Path, sid: str) -> tuple[np.ndarray, dict, dict]:
+    """A coords file's ``coords`` [N, 2], the dataset's attributes and the file's attributes."""
+    with h5py.File(Path(seg_dir) / "coords" / f"{sid}.h5") as f:
+        return f["coords"][:], dict(f["coords"].attrs), dict(f.attrs)
+
+
+def write_bags(folder: Path, feats: dict[str, np.ndarray], attrs: dict | None = None) -> Path:
+    """One HDF5 bag per ``{slide_id: features [N, D]}`` (coordinates all zero); returns ``folder``."""
+    from extract.bags import write_bag
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for sid, x in feats.items():
+        write_bag(folder / f"{sid}.h5", x, np.zeros((len(x), 2), np.int64), attrs=attrs)
+    return folder
+
+
+def write_cohort(root: Path, ids: list[str], labels: list[str] | None, seed: int, features_dir: Path,
+                 survival: list[tuple[float, int]] | None = None, with_label_column: bool = True) -> Path:
+    """Generated slides (small pyramidal SVS), their bags and a manifest; returns the manifest path.
+
+    Each slide is 960x720 or 1280x640 level-0 pixels at 0.5 um/px with a grid of ``PATCH0``-pixel
+    patches; its bag holds one ``DIM``-d feature row per patch, with a few strongly shifted rows
+    that make the class (or an early event) learnable.
+    """
+    from extract.bags import write_bag
+    from extract.synthetic import write_svs
+
+    rng = np.random.default_rng(seed)
+    slides = root / "slides"
+    slides.mkdir(parents=True, exist_ok=True)
+    features_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, sid in enumerate(ids):
+        w, h = (1280, 640) if i % 2 else (960, 720)
+        image = np.full((h, w, 3), 240, np.uint8)
+        coords = np.array([(x, y) for y in range(64, h - PATCH0, PATCH0) for x in range(64, w - PATCH0, PATCH0)])
+        for x, y in coords:
+            image[y:y + PATCH0, x:x + PATCH0] = rng.integers(120, 220, 3)
+        write_svs(slides / f"{sid}.svs", image, mpp=0.5, min_level_px=128)
+        feats = rng.normal(0, 1, (len(coords), DIM)).astype(np.float32)
+        shift = sorted(set(labels)).index(labels[i]) if labels is not None else int(survival[i][0] < 20)
+        if shift:
+            feats[: max(3, len(coords) // 4), 2 * shift:2 * shift + 2] += 4.0
+        write_bag(features_dir / f"{sid}.h5", feats, coords,
+                  attrs={"backbone": "test", "patch_size_level0": PATCH0, "target_mpp": 0.5})
+        row = [sid, f"slides/{sid}.svs"]
+        if labels is not None and with_label_column:
+            row.append(labels[i])
+        if survival is not None:
+            row += [f"{survival[i][0]:g}", str(survival[i][1])]
+        lines.append(",".join(row))
+    header = ["slide_id", "path"] + (["label"] if labels is not None and with_label_column else []) \
+        + (["time", "event"] if survival is not None else [])
+    manifest = root / "manifest.csv"
+    manifest.write_text(",".join(header) + "\n" + "\n".join(lines) + "\n")
+    return manifest
+
+
+def binary_cohort(root: Path, n_slides: int, seed: int = 0, prefix: str = "s"):
+    """``write_cohort`` of ``n_slides`` alternating normal/tumour slides with their bags in
+    ``<root>/ws/features/test_backbone/mpp0.50_64px``; returns (workspace, features, manifest, ids, labels)."""
+    ws = root / "ws"
+    features = ws / "features" / "test_backbone" / "mpp0.50_64px"
+    ids = [f"{prefix}{i:02d}" for i in range(n_slides)]
+    labels = ["tumor" if i % 2 else "normal" for i in range(n_slides)]
+    return ws, features, write_cohort(root, ids, labels, seed, features), ids, labels
+
+
+def read_png(path: Path) -> np.ndarray:
+    """A picture the product wrote, as RGB uint8 [H, W, 3]."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert img is not None, f"{path} is not a readable image"
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def panel_box(img: np.ndarray) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of a heatmap figure's panel: inside the largest ``FRAME``-coloured rectangle."""
+    import cv2
+
+    from pipeline.heatmaps import FRAME
+
+    mask = np.all(img == np.array(FRAME, np.uint8), axis=2).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    assert n > 1, "no frame found around the heatmap panel"
+    best = max(range(1, n), key=lambda i: stats[i, cv2.CC_STAT_WIDTH] * stats[i, cv2.CC_STAT_HEIGHT])
+    x, y, w, h = (int(stats[best, k]) for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
+    return x + 1, y + 1, w - 2, h - 2

@@ -208,7 +208,7 @@ def write_instance_file(path: Path, slide: SlideInstances, geometry: Mapping[str
         if slide.case_id != slide.slide_id:
             d.attrs["case_id"] = slide.case_id
         for key, unit in slide.units.items():
-            g = f.create_group(group_of.get(key, "ensemble" if key[1] == "ensemble" else f"fold_{key[1]}"))
+            g = f.create_group("ensemble" if key[1] == "ensemble" else group_of[key])
             if "raw" in unit:
                 g.create_dataset("instance_scores", data=unit["raw"].astype(np.float32))
             else:

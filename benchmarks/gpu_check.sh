@@ -4,9 +4,12 @@
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --cpu      # rehearsal on a CPU: same steps, tiny sizes, no compile
 #
-# Data: nothing is carried. The script generates what it reads with the project's own code:
-# the demo cohort (`wsi-pipeline make-demo`, 12 slides) and the benchmark slide of
-# benchmarks/read_bench.py (`write_large_svs`, procedural texture: ../shared does not travel).
+# Data: the demo cohort is generated there (`wsi-pipeline make-demo`, 12 slides) and so is the
+# benchmark slide of benchmarks/read_bench.py (`write_large_svs`). ../shared does not travel:
+# carry `.gpu_data`, an ignored copy of ../shared/data (slides/ + images/, 11 MB), and the
+# `gpu` tests read its real slides, the real Aperio slide cmu_small_region.svs is segmented and
+# extracted on the GPU, and the benchmark slide gets the real texture on white glass (the
+# fast-decoding slide); without it those tests skip and the texture is procedural.
 # Wheels: when .whl/ holds them (openslide-python, openslide-bin, imagecodecs, submitit: missing
 # on the GPU machine's image), they are installed into /tmp/site first; carry `.whl`.
 #
@@ -30,6 +33,8 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import openslide,
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WSI_BENCH_CACHE="$WORK/bench_cache"
+GPU_DATA=${GPU_DATA:-.gpu_data}
+[ -d "$GPU_DATA/slides" ] && export WSI_TEST_DATA="$(cd "$GPU_DATA" && pwd)"
 START=$(date +%s)
 
 if [ "$MODE" = gpu ]; then
@@ -104,6 +109,13 @@ YAMLEOF
 sed -e 's/experiment: gpu_bf16/experiment: gpu_fp16/' -e 's/precision: bf16/precision: fp16/' \
   "$WORK/gpu_check.yaml" > "$WORK/gpu_check_fp16.yaml"
 {
+  if [ -n "${WSI_TEST_DATA:-}" ]; then  # a real Aperio slide (CMU-1-Small-Region, 50 patches at level 0)
+    printf 'slide_id,path\ncmu,%s\n' "$WSI_TEST_DATA/slides/cmu_small_region.svs" > "$WORK/real.csv"
+    step "real slide: segment" 60 "${CLI[@]}" segment --manifest "$WORK/real.csv" --workspace "$WORK/ws_real" \
+      --preset bwh_biopsy --patch-level 0 -q
+    step "real slide: extract r50,$ENC2 ($DEV)" 90 "${CLI[@]}" extract --manifest "$WORK/real.csv" \
+      --workspace "$WORK/ws_real" --backbone "resnet50_trunc,$ENC2" --weights random --device $DEV -q
+  fi
   step "make-demo ($SLIDES slides)" 90 "${CLI[@]}" make-demo --out "$WORK/demo/slides" --slides $SLIDES --seed 0 -q
   step "segment" 90 "${CLI[@]}" segment --config "$WORK/gpu_check.yaml" -q
   step "extract resnet18,$ENC2 ($DEV)" $XLIMIT "${CLI[@]}" extract --config "$WORK/gpu_check.yaml" \
@@ -115,10 +127,10 @@ sed -e 's/experiment: gpu_bf16/experiment: gpu_fp16/' -e 's/precision: bf16/prec
   "$PY" - "$WORK" <<'PYEOF'
 import glob, sys, h5py
 root = sys.argv[1]
-for bag in sorted(glob.glob(f"{root}/ws/features/*/*/*.h5"))[:1] + sorted(glob.glob(f"{root}/ws/features/uni*/*/*.h5"))[:1]:
+for bag in sorted(glob.glob(f"{root}/ws_real/features/*/*/*.h5")) + sorted(glob.glob(f"{root}/ws/features/*/*/*.h5"))[:1]:
     with h5py.File(bag) as f:
         print(bag, {k: f[k].shape for k in f}, {k: f.attrs[k] for k in ("backbone", "weights", "precision") if k in f.attrs})
-for status in sorted(glob.glob(f"{root}/ws/**/status.csv", recursive=True)):
+for status in sorted(glob.glob(f"{root}/ws*/**/status.csv", recursive=True)):
     text = open(status).read()
     print(status, text.count("\n") - 1, "rows;", "HAS FAILED ROWS" if ",failed," in text else "no failed rows")
 for log in sorted(glob.glob(f"{root}/ws/experiments/**/*.log", recursive=True))[:2]:

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CACHE = Path(os.environ.get("WSI_BENCH_CACHE", "/tmp/wsi_bench"))
-TEXTURE = ROOT.parent / "shared" / "data" / "images" / "prostate_he_2500.jpeg"
+TEXTURE = Path(os.environ.get("WSI_TEST_DATA") or ROOT.parent / "shared" / "data") / "images" / "prostate_he_2500.jpeg"
 
 
 def bench_slide(width: int, height: int, mpp: float = 0.25) -> Path:

@@ -2,6 +2,7 @@
 # One-shot GPU check of wsi-pipeline (5-7 minutes on one H200 with 16 cores; hard budget 7 min).
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
+#   GPU_CHECK_BUDGET=300 bash benchmarks/gpu_check.sh   # steps stop being started after 300 s
 #   bash benchmarks/gpu_check.sh --cpu      # rehearsal on a CPU: same steps, tiny sizes, no compile
 #
 # Data: the demo cohort is generated there (`wsi-pipeline make-demo`, 12 slides) and so is the
@@ -39,7 +40,7 @@ START=$(date +%s)
 
 if [ "$MODE" = gpu ]; then
   DEV=cuda; SLIDES=12; WORKERS=12; DEMO_WORKERS=4; BENCH_SIZE=40000x30000; N=3000; NU=1500; EPOCHS=2
-  ENC2=uni; FP16=fp16; BF16=bf16; XLIMIT=120; BUDGET=420
+  ENC2=uni; FP16=fp16; BF16=bf16; XLIMIT=120; BUDGET=${GPU_CHECK_BUDGET:-420}
 else  # rehearsal: a ViT-S stands in for UNI's ViT-L (the same timm ViT code path);
   # fp32 (CPU autocast in half precision is slower than fp32)
   DEV=cpu; SLIDES=8; WORKERS=1; DEMO_WORKERS=1; BENCH_SIZE=20000x15000; N=32; NU=8; EPOCHS=1

@@ -6,8 +6,8 @@ process appends the outcome of each fold it trained (or found done) to its own r
 ``<experiment>/.records/`` (:class:`pipeline.records.SlideRecords`, keyed ``seed<s>_fold<k>``),
 and ``summary.csv`` is rebuilt from all of them, one row per (seed, fold) of ``splits.csv``:
 
-- ``done.json`` in the fold folder: the latest record's row when it says done or skipped,
-  else the row rebuilt from ``done.json`` (the fold finished; the file decides);
+- ``done.json`` in the fold folder: done (the file decides), with the best epoch and metric of
+  the latest record, or of ``done.json`` when no record has them;
 - else the latest record says failed: failed, with its message;
 - else a live lock: running; else pending.
 
@@ -68,11 +68,13 @@ def summary_rows(exp_dir: Path) -> list[dict]:
         rec = records.get(key) or {}
         row = {"seed": run["seed"], "fold": run["fold"], "dir": _relative(run["dir"], exp_dir), "message": ""}
         if run["done"]:
+            # 'done' whichever process trained it; one that later found it finished ('skipped')
+            # says so on its own terminal, not here.
             if rec.get("state") in ("done", "skipped"):
-                row.update({k: rec.get(k) for k in ("best_epoch", "metric", "value", "seconds_per_epoch")},
-                           status=rec["state"])
+                row.update({k: rec.get(k) for k in ("best_epoch", "metric", "value", "seconds_per_epoch")})
             else:
-                row.update(_from_done(run["dir"]), status="done")
+                row.update(_from_done(run["dir"]))
+            row["status"] = "done"
         elif rec.get("state") == "failed":
             row.update(status="failed", message=rec.get("message") or "")
         else:

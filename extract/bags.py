@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import BagError, ConfigError
 
-__all__ = ["Bag", "write_bag", "read_bag", "export_pt", "FORMAT_VERSION", "BAG_ATTRS"]
+__all__ = ["Bag", "write_bag", "read_bag", "find_bag", "export_pt", "FORMAT_VERSION", "BAG_ATTRS", "BAG_PATTERNS"]
 
 FORMAT_VERSION = 1
 # Attributes a bag written by the extract stage carries (write_bag accepts any JSON-able extra).
@@ -34,6 +34,19 @@ BAG_ATTRS = (
     "format_version", "dropped_patches", "fingerprint",
 )
 _CHUNK_BYTES = 1 << 20
+#: Where a slide's bag may lie in a feature folder, first match wins: ours, CLAM's ``h5_files/``,
+#: a ``.pt`` tensor, the ``pt_files/`` export.
+BAG_PATTERNS = ("{sid}.h5", "h5_files/{sid}.h5", "{sid}.pt", "pt_files/{sid}.pt")
+
+
+def find_bag(features_dir: str | os.PathLike, slide_id: str) -> Path | None:
+    """The bag file of ``slide_id`` in ``features_dir`` (:data:`BAG_PATTERNS`), None without one."""
+    base = Path(features_dir)
+    for pattern in BAG_PATTERNS:
+        path = base / pattern.format(sid=slide_id)
+        if path.is_file():
+            return path
+    return None
 
 
 @dataclass

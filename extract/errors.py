@@ -21,10 +21,6 @@ class SlideError(PipelineError):
     """A slide cannot be opened, read or resolved (no mpp, corrupt tiles, ...)."""
 
 
-class NoTissueError(PipelineError):
-    """Segmentation kept no tissue; the slide gets an empty output and status ``empty``."""
-
-
 class BagError(PipelineError):
     """A feature bag or coordinates file is missing, corrupt or inconsistent."""
 

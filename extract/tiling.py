@@ -169,9 +169,9 @@ def _expand(first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray
 # ---------------------------------------------------------------------------------------------
 # Tiling
 # ---------------------------------------------------------------------------------------------
-def _contour_test_points(xy: np.ndarray, patch_px: int, contour_fn: str) -> np.ndarray:
+def _contour_test_points(xy: np.ndarray, patch_px_level0: int, contour_fn: str) -> np.ndarray:
     """Test points ``[N, P, 2]`` for each candidate top-left in ``xy`` ``[N, 2]`` (CLAM's ints)."""
-    half = patch_px // 2
+    half = patch_px_level0 // 2
     if contour_fn == "basic":
         return xy[:, None, :]
     centre = xy + half
@@ -186,10 +186,10 @@ def _contour_test_points(xy: np.ndarray, patch_px: int, contour_fn: str) -> np.n
 
 def tile_tissue(
     tissue,
-    patch_px: int,
+    patch_px_level0: int,
     slide_wh: tuple[int, int],
     contour_fn: str = "four_pt",
-    step_px: int | None = None,
+    step_px_level0: int | None = None,
     use_padding: bool = True,
 ) -> np.ndarray:
     """Level-0 top-left coordinates of the tissue patches (CLAM's grid and tests).
@@ -198,14 +198,14 @@ def tile_tissue(
     ----------
     tissue : extract.segmentation.Tissue
         Contours and holes in level-0 pixels.
-    patch_px : int
+    patch_px_level0 : int
         Patch side in level-0 pixels (see :func:`level0_patch_px`).
     slide_wh : (int, int)
         Level-0 ``(width, height)`` of the slide.
     contour_fn : {'four_pt', 'four_pt_hard', 'center', 'basic'}
         Which points of a patch must lie in the contour (module docstring).
-    step_px : int, optional
-        Grid step in level-0 pixels; ``patch_px`` (no overlap) when None.
+    step_px_level0 : int, optional
+        Grid step in level-0 pixels; ``patch_px_level0`` (no overlap) when None.
     use_padding : bool
         True (CLAM's default): the grid runs to the end of the contour's bounding box and
         patches may extend past the slide edge (read as white). False: only patches that fit
@@ -223,18 +223,20 @@ def tile_tissue(
     One deliberate difference from CLAM: CLAM drops a contour whose grid yields exactly one
     patch (``if len(results) > 1``), an off-by-one; we keep that patch.
     """
-    if not (isinstance(patch_px, (int, np.integer)) and patch_px >= 1):
-        raise ConfigError(f"The 'patch_px' parameter of tile_tissue must be an int >= 1. Got {patch_px!r} instead.")
-    step = patch_px if step_px is None else step_px
+    if not (isinstance(patch_px_level0, (int, np.integer)) and patch_px_level0 >= 1):
+        raise ConfigError(f"The 'patch_px_level0' parameter of tile_tissue must be an int >= 1. "
+                          f"Got {patch_px_level0!r} instead.")
+    step = patch_px_level0 if step_px_level0 is None else step_px_level0
     if not (isinstance(step, (int, np.integer)) and step >= 1):
-        raise ConfigError(f"The 'step_px' parameter of tile_tissue must be an int >= 1 or None. Got {step_px!r} instead.")
+        raise ConfigError(f"The 'step_px_level0' parameter of tile_tissue must be an int >= 1 or None. "
+                          f"Got {step_px_level0!r} instead.")
     if contour_fn not in CONTOUR_FNS:
         raise ConfigError(
             f"The 'contour_fn' parameter of tile_tissue must be one of {', '.join(map(repr, CONTOUR_FNS))}. "
             f"Got {contour_fn!r} instead."
         )
     width, height = int(slide_wh[0]), int(slide_wh[1])
-    patch_px, step = int(patch_px), int(step)
+    patch_px_level0, step = int(patch_px_level0), int(step)
 
     chunks = []
     for contour, holes in zip(tissue.contours, tissue.holes):
@@ -246,8 +248,8 @@ def tile_tissue(
         x_max, y_max = contour.max(axis=0)
         stop_x, stop_y = int(x_max) + 1, int(y_max) + 1
         if not use_padding:
-            stop_x = min(stop_x, width - patch_px + 1)
-            stop_y = min(stop_y, height - patch_px + 1)
+            stop_x = min(stop_x, width - patch_px_level0 + 1)
+            stop_y = min(stop_y, height - patch_px_level0 + 1)
         xs = np.arange(int(x_min), stop_x, step, dtype=np.int64)
         ys = np.arange(int(y_min), stop_y, step, dtype=np.int64)
         if len(xs) == 0 or len(ys) == 0:
@@ -256,13 +258,13 @@ def tile_tissue(
         gx, gy = np.meshgrid(xs, ys, indexing="ij")
         cand = np.stack([gx.ravel(), gy.ravel()], axis=1)
 
-        tests = _contour_test_points(cand, patch_px, contour_fn)
+        tests = _contour_test_points(cand, patch_px_level0, contour_fn)
         n, p = tests.shape[:2]
         inside = points_in_polygon(contour, tests.reshape(-1, 2)).reshape(n, p) >= 0
         keep = inside.all(axis=1) if contour_fn == "four_pt_hard" else inside.any(axis=1)
         cand = cand[keep]
         if len(cand) and holes:
-            centre = cand + patch_px / 2.0   # CLAM's hole test uses the true (float) centre
+            centre = cand + patch_px_level0 / 2.0   # CLAM's hole test uses the true (float) centre
             in_hole = np.zeros(len(cand), dtype=bool)
             for hole in holes:  # at most max_n_holes (<= 8 in every preset)
                 in_hole |= points_in_polygon(hole, centre) > 0

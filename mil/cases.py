@@ -114,7 +114,7 @@ def case_bags(bags: Any, members: Mapping[str, Sequence[str]]) -> tuple[Any, lis
         slide_coords = [bags.coords(s) for s in present]
         if all(c is not None for c in slide_coords):
             coords[case] = np.concatenate(slide_coords, axis=0)
-    return BagSet(features, coords), spans
+    return BagSet(features, coords, {sp.slide_id: bags.attrs(sp.slide_id) for sp in spans}), spans
 
 
 def split_by_slide(case_id: str, values: np.ndarray, spans: Sequence[Span]) -> dict[str, np.ndarray]:

@@ -36,7 +36,6 @@ __all__ = [
     "BagSet",
     "LabelMap",
     "Targets",
-    "find_bag",
     "load_bags",
     "encode_labels",
     "make_targets",
@@ -46,8 +45,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Bag file names looked up for a slide, in order: ours / CLAM's h5, then ``.pt`` exports.
-_BAG_PATTERNS = ("{sid}.h5", "h5_files/{sid}.h5", "{sid}.pt", "pt_files/{sid}.pt")
 #: Share of the free CUDA memory that the float32 copies of all bags may take.
 _DEVICE_FRACTION = 0.5
 
@@ -76,9 +73,14 @@ class BagSet:
         Host tensors (float16 or float32), N >= 1, the same D for all.
     coords : dict slide_id -> ndarray int64 [N, 2], optional
         Level-0 top-left patch coordinates in the same row order (for heatmaps).
+    attrs : dict slide_id -> dict, optional
+        Each slide's bag-file attributes (``patch_size_level0``, ``target_mpp``, ``backbone``, ...),
+        kept so that nothing reopens a bag to learn its patch geometry. Keyed by slide even when the
+        bags are cases (:func:`mil.cases.case_bags`).
     """
 
-    def __init__(self, features: dict[str, torch.Tensor], coords: dict[str, np.ndarray] | None = None):
+    def __init__(self, features: dict[str, torch.Tensor], coords: dict[str, np.ndarray] | None = None,
+                 attrs: dict[str, dict] | None = None):
         dims = {sid: int(t.shape[1]) for sid, t in features.items()}
         if len(set(dims.values())) > 1:
             by_dim: dict[int, list[str]] = defaultdict(list)
@@ -91,6 +93,7 @@ class BagSet:
             )
         self._host = dict(features)
         self._coords = dict(coords or {})
+        self._attrs = dict(attrs or {})
         self._device_cache: dict[str, torch.Tensor] = {}
         self._cache_device: torch.device | None = None
         self.in_dim = next(iter(dims.values())) if dims else 0
@@ -119,6 +122,10 @@ class BagSet:
     def coords(self, slide_id: str) -> np.ndarray | None:
         return self._coords.get(slide_id)
 
+    def attrs(self, slide_id: str) -> dict:
+        """The attributes of the slide's bag file (empty for CLAM files and ``.pt`` tensors)."""
+        return self._attrs.get(slide_id, {})
+
     def n_instances(self, slide_id: str) -> int:
         return int(self.host(slide_id).shape[0])
 
@@ -130,7 +137,8 @@ class BagSet:
     def subset(self, slide_ids: Iterable[str]) -> "BagSet":
         """A BagSet sharing the host tensors of ``slide_ids`` (no copy)."""
         ids = list(slide_ids)
-        return BagSet({s: self.host(s) for s in ids}, {s: self._coords[s] for s in ids if s in self._coords})
+        return BagSet({s: self.host(s) for s in ids}, {s: self._coords[s] for s in ids if s in self._coords},
+                      self._attrs)
 
     def feature_stats(self, slide_ids: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and std [D] (float32) over every instance of ``slide_ids``."""
@@ -149,7 +157,7 @@ class BagSet:
 
     def standardized(self, mean: torch.Tensor, std: torch.Tensor) -> "BagSet":
         """A new BagSet with every bag z-scored as ``(x - mean) / std`` (float32 on the host)."""
-        return BagSet({s: (t.float() - mean) / std for s, t in self._host.items()}, self._coords)
+        return BagSet({s: (t.float() - mean) / std for s, t in self._host.items()}, self._coords, self._attrs)
 
     def get(self, slide_id: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """float32 [N, D] on ``device`` (cached when :meth:`to_device` moved the bags there)."""
@@ -213,16 +221,6 @@ def _default_budget(device: torch.device) -> int:
     return int(total // 4)
 
 
-def find_bag(features_dir: str | Path, slide_id: str) -> Path | None:
-    """The bag file of ``slide_id`` in ``features_dir`` (ours, CLAM's h5_files/ or pt_files/)."""
-    base = Path(features_dir)
-    for pattern in _BAG_PATTERNS:
-        path = base / pattern.format(sid=slide_id)
-        if path.is_file():
-            return path
-    return None
-
-
 def load_bags(
     features_dir: str | Path,
     slide_ids: Sequence[str],
@@ -247,7 +245,7 @@ def load_bags(
         Listing every slide without a bag, every empty bag (0 instances) and every unreadable
         or non-finite bag (unless ``allow_missing``; unreadable and non-finite bags always raise).
     """
-    from extract.bags import read_bag
+    from extract.bags import find_bag, read_bag
     from extract.patch_qc import QCFilter, read_qc
 
     if qc_filter is not None and not isinstance(qc_filter, QCFilter):
@@ -265,6 +263,7 @@ def load_bags(
     broken: list[str] = []
     features: dict[str, torch.Tensor] = {}
     coords: dict[str, np.ndarray] = {}
+    attrs: dict[str, dict] = {}
     for sid in slide_ids:
         path = find_bag(features_dir, sid)
         if path is None:
@@ -299,6 +298,7 @@ def load_bags(
             broken.append(f"{sid} (non-finite feature values)")
             continue
         features[sid] = x
+        attrs[sid] = dict(bag.attrs)
         if bag_coords is not None:
             coords[sid] = np.asarray(bag_coords)
 
@@ -329,7 +329,7 @@ def load_bags(
         log.warning("skipping slides (--allow-missing): %s", "; ".join(problems))
     if not features:
         raise BagError(f"no usable bag in {features_dir} for the {len(slide_ids)} slide(s) asked for")
-    bags = BagSet(features, coords)
+    bags = BagSet(features, coords, attrs)
     if qc_filter:
         log.info("patch QC %s dropped %d patch(es) across %d bag(s)", qc_filter, qc_dropped, len(bags))
     seconds = time.perf_counter() - start
@@ -675,55 +675,3 @@ def make_splits(
                 raise ConfigError(f"fold {k}: validation is empty (val_ratio={val_ratio}); raise val_ratio or add cases")
         splits.append({"train": ids_of(train), "val": ids_of(val), "test": ids_of(test)})
     return splits
-
-
-# --------------------------------------------------------------------------------------------
-# synthetic bags (tests, benchmarks, demos)
-# --------------------------------------------------------------------------------------------
-
-
-def synthetic_bags(
-    n_bags: int,
-    n_instances: int | tuple[int, int],
-    dim: int,
-    witness_ratio: tuple[float, float] = (0.01, 0.03),
-    shift: float = 4.0,
-    seed: int = 0,
-    pos_fraction: float = 0.5,
-) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Generated MIL bags: negatives are noise; positives carry a few witness instances.
-
-    Instances are standard normal in ``dim`` dimensions; a positive bag's witnesses (a random
-    share in ``witness_ratio`` of its instances, at least one) are shifted by ``shift`` noise
-    standard deviations along a fixed random direction: the signal a MIL model has to find.
-
-    Parameters
-    ----------
-    n_bags : number of bags (ids ``bag_000`` ...); the first ``round(pos_fraction * n_bags)``
-        after a seeded shuffle are positive.
-    n_instances : instances per bag, or ``(low, high)`` drawn uniformly per bag.
-    dim : feature size.
-
-    Returns
-    -------
-    features : dict slide_id -> float32 ndarray [N, dim]
-    labels : dict slide_id -> 0 or 1
-    """
-    rng = np.random.default_rng(seed)
-    direction = rng.standard_normal(dim).astype(np.float32)
-    direction *= shift / np.linalg.norm(direction)
-    n_pos = int(round(pos_fraction * n_bags))
-    positive = np.zeros(n_bags, dtype=bool)
-    positive[rng.permutation(n_bags)[:n_pos]] = True
-    features: dict[str, np.ndarray] = {}
-    labels: dict[str, int] = {}
-    for i in range(n_bags):
-        n = n_instances if isinstance(n_instances, int) else int(rng.integers(n_instances[0], n_instances[1] + 1))
-        x = rng.standard_normal((n, dim), dtype=np.float32)
-        if positive[i]:
-            k = max(1, int(round(rng.uniform(*witness_ratio) * n)))
-            x[rng.choice(n, size=k, replace=False)] += direction
-        sid = f"bag_{i:03d}"
-        features[sid] = x
-        labels[sid] = int(positive[i])
-    return features, labels

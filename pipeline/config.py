@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -216,6 +217,174 @@ class ExtractConfig:
             raise ConfigError(f"The 'dtype' parameter must be float16 or float32. Got {self.dtype!r} instead.")
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``evaluate:`` section (flags override what they set)."""
+
+    experiment: str | None = None
+    features: str | None = None
+    heatmaps: str | None = None  # a number of slides, or "all"
+    protocol: str = "default"
+    device: str = "auto"
+    n_boot: int = 1000
+    gallery_k: int = 8
+    cmap: str = "viridis"
+    threshold: str = "auto"  # binary decision rule: auto | youden | argmax (mil.evaluation)
+    heatmap_mode: str = "absolute"  # absolute | rank (pipeline.heatmaps)
+
+    def __post_init__(self):
+        from mil.evaluation import THRESHOLD_RULES, check_protocol
+
+        from .heatmaps import MODES
+
+        if self.heatmap_mode not in MODES:
+            raise ConfigError(f"The 'heatmap_mode' parameter must be one of {', '.join(MODES)}. "
+                              f"Got {self.heatmap_mode!r} instead.")
+        if self.threshold not in THRESHOLD_RULES:
+            raise ConfigError(f"The 'threshold' parameter must be one of {', '.join(THRESHOLD_RULES)}. "
+                              f"Got {self.threshold!r} instead.")
+        check_protocol(self.protocol)
+        if self.n_boot < 1:
+            raise ConfigError(f"The 'n_boot' parameter must be >= 1. Got {self.n_boot} instead.")
+        if self.gallery_k < 1:
+            raise ConfigError(f"The 'gallery_k' parameter must be >= 1. Got {self.gallery_k} instead.")
+        parse_heatmaps(self.heatmaps)
+
+
+def parse_heatmaps(value: Any) -> int | None:
+    """``--heatmaps`` as a count: ``None``/0 -> 0, a number -> that many, ``'all'`` -> None (all)."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ConfigError(f"The 'heatmaps' parameter must be a number >= 0 or 'all'. Got {value!r} instead.")
+    return n
+
+
+#: Keys of the ``train:`` section that are not TrainConfig fields (the stage's own).
+TRAIN_STAGE_KEYS = ("recipe", "experiment", "features", "allow_missing", "qc_filter")
+
+
+@functools.cache
+def train_section_class():
+    """``TrainSection``: every TrainConfig field optional (None = not set) + the stage's keys.
+
+    It checks key names and types of the ``train:`` section as written; the recipe it names is
+    merged in by :func:`pipeline.train_stage.resolve_train_config`, which builds the TrainConfig.
+    """
+    from mil.train_config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    specs: list[tuple[str, Any, Any]] = [
+        (name, typing.Optional[bool if name == "allow_missing" else str], field(default=None))
+        for name in TRAIN_STAGE_KEYS
+    ]
+    specs += [(f.name, typing.Optional[hints[f.name]], field(default=None)) for f in fields(TrainConfig)]
+    return dataclasses.make_dataclass("TrainSection", specs, frozen=True)
+
+
+# -- the root ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """One YAML config for every command: where (manifest, workspace), what (name) and a typed
+    section per stage. Built by :func:`load_config`; every command and ``run`` validate here.
+
+    Attributes
+    ----------
+    manifest, workspace : Path or None
+        Resolved once against the config file's folder (absolute paths stay as written).
+    name : str or None
+        Default experiment name (``train.experiment`` wins).
+    segment, extract, evaluate : the stage sections.
+    train : ``TrainSection`` (:func:`train_section_class`): the keys as typed; :attr:`raw` keeps
+        them as written (an explicit ``mhim: null`` turns a recipe's MHIM off).
+    slurm : dict
+        Per-stage Slurm resources, checked by :func:`pipeline.submit.stage_resources`.
+    source : Path or None
+        The config file; None for a config made of flags alone.
+    raw : dict
+        The mapping as loaded (excluded from comparisons).
+    """
+
+    manifest: Path | None = None
+    workspace: Path | None = None
+    name: str | None = None
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: Any = None
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    slurm: dict = field(default_factory=dict)
+    source: Path | None = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def base(self) -> Path:
+        """The folder relative paths inside the config resolve against (the cwd without a file)."""
+        return self.source.resolve().parent if self.source is not None else Path.cwd()
+
+    def section(self, name: str):
+        return getattr(self, name)
+
+    def train_keys(self) -> dict:
+        """The ``train:`` section's keys as written (``null`` values included)."""
+        return dict(self.raw.get("train") or {})
+
+    def resolve_train(self, flags: dict | None = None):
+        """(TrainConfig, recipe path or None): the recipe ``train:`` names, its inline keys, then
+        ``flags`` (:func:`pipeline.train_stage.resolve_train_config`); errors name the file."""
+        from .train_stage import resolve_train_config
+
+        try:
+            return resolve_train_config(self.train_keys(), self.base, flags)
+        except ConfigError as exc:
+            if self.source is None:
+                raise
+            raise ConfigError(f"{self.source}: {exc}") from exc
+
+
+#: The top-level keys of a config file.
+TOP_LEVEL_KEYS = tuple(f.name for f in fields(PipelineConfig) if f.name not in ("source", "raw"))
+
+
+def load_config(path: str | Path | None) -> PipelineConfig:
+    """The :class:`PipelineConfig` of a YAML file (``None``: every section at its defaults).
+
+    Every problem is a :class:`ConfigError` whose message starts with the file: unknown keys at
+    any level (with the closest valid one), wrong types, values out of range.
+    """
+    if path is None:
+        return PipelineConfig(train=train_section_class()())
+    path = Path(path)
+    raw = load_yaml(path)
+    base = path.resolve().parent
+    try:
+        unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS), key=str)
+        if unknown:
+            named = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), TOP_LEVEL_KEYS, n=1)
+                named.append(repr(key) + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise ConfigError(f"unknown top-level key(s) {', '.join(named)}; valid: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+        sections = {name: from_dict(cls, raw.get(name), where=f"{name}.")
+                    for name, cls in (("segment", SegmentConfig), ("extract", ExtractConfig),
+                                      ("train", train_section_class()), ("evaluate", EvaluateConfig))}
+        slurm = raw.get("slurm") or {}
+        if not isinstance(slurm, dict):
+            raise ConfigError(f"The 'slurm' key must be a mapping. Got {slurm!r} instead.")
+        name = _coerce(typing.Optional[str], raw.get("name"), "name")
+        where = {k: _coerce(typing.Optional[str], raw.get(k), k) for k in ("manifest", "workspace")}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    where = {k: (base / Path(v).expanduser() if v else None) for k, v in where.items()}
+    return PipelineConfig(name=name, slurm=dict(slurm), source=path, raw=raw, **where, **sections)
+
+
 # -- the command-line view --------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -225,39 +394,20 @@ class StageInputs:
     manifest: Path | None
     workspace: Path
     section: Any
-    raw: dict = field(default_factory=dict)
+    config: PipelineConfig
+
+    @property
+    def raw(self) -> dict:
+        return self.config.raw
 
 
-def resolve_stage(args, section_name: str, section_cls, flag_names: tuple[str, ...]) -> StageInputs:
-    """Merge ``--config`` (its top-level ``manifest``/``workspace`` and section) with the flags.
-
-    Relative paths inside a config file resolve against the config file's folder.
-    """
-    raw: dict = {}
-    base = Path.cwd()
-    if getattr(args, "config", None) is not None:
-        raw = load_yaml(args.config)
-        base = Path(args.config).resolve().parent
-        allowed = {"manifest", "workspace", "segment", "extract", "train", "evaluate", "name", "slurm"}
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"{args.config}: unknown top-level key(s) {', '.join(map(repr, unknown))}; valid: "
-                f"{', '.join(sorted(allowed))}"
-            )
-    try:
-        section = from_dict(section_cls, raw.get(section_name), where=f"{section_name}.")
-    except ConfigError as exc:
-        if getattr(args, "config", None) is None:
-            raise
-        raise ConfigError(f"{args.config}: {exc}") from exc
-    section = override(section, **{name: getattr(args, name, None) for name in flag_names})
-    manifest = getattr(args, "manifest", None)
-    if manifest is None and raw.get("manifest"):
-        manifest = base / raw["manifest"]
-    workspace = getattr(args, "workspace", None)
-    if workspace is None and raw.get("workspace"):
-        workspace = base / raw["workspace"]
+def resolve_stage(args, section_name: str, flag_names: tuple[str, ...] = ()) -> StageInputs:
+    """The root config of ``--config`` (every section checked), then ``--manifest``/``--workspace``
+    and the stage's flags over it. Relative paths in the file resolve against its folder."""
+    config = load_config(getattr(args, "config", None))
+    section = override(config.section(section_name), **{name: getattr(args, name, None) for name in flag_names})
+    manifest = getattr(args, "manifest", None) or config.manifest
+    workspace = getattr(args, "workspace", None) or config.workspace
     if workspace is None:
         raise ConfigError("no workspace: pass --workspace DIR or set 'workspace:' in the config")
-    return StageInputs(Path(manifest) if manifest else None, Path(workspace), section, raw)
+    return StageInputs(Path(manifest) if manifest else None, Path(workspace), section, config)

@@ -55,6 +55,7 @@ from mil.evaluation import (
     prediction_rows,
 )
 
+from .config import EvaluateConfig, parse_heatmaps
 from .experiment import Experiment, FoldUnit, evaluation_dir, find_key, load_experiment
 from .instance_outputs import write_instance_outputs
 from .previews import save_png
@@ -65,55 +66,6 @@ log = logging.getLogger(__name__)
 __all__ = ["EvaluateConfig", "run_evaluation", "evaluate_command", "parse_heatmaps"]
 
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """The ``evaluate:`` section of the YAML config (flags override what they set)."""
-
-    experiment: str | None = None
-    features: str | None = None
-    heatmaps: str | None = None  # a number of slides, or "all"
-    protocol: str = "default"
-    device: str = "auto"
-    n_boot: int = 1000
-    gallery_k: int = 8
-    cmap: str = "viridis"
-    threshold: str = "auto"  # binary decision rule: auto | youden | argmax (mil.evaluation)
-    heatmap_mode: str = "absolute"  # absolute | rank (pipeline.heatmaps)
-
-    def __post_init__(self):
-        from mil.evaluation import THRESHOLD_RULES
-
-        from .heatmaps import MODES
-
-        if self.heatmap_mode not in MODES:
-            raise ConfigError(f"The 'heatmap_mode' parameter must be one of {', '.join(MODES)}. "
-                              f"Got {self.heatmap_mode!r} instead.")
-        if self.threshold not in THRESHOLD_RULES:
-            raise ConfigError(f"The 'threshold' parameter must be one of {', '.join(THRESHOLD_RULES)}. "
-                              f"Got {self.threshold!r} instead.")
-        check_protocol(self.protocol)
-        if self.n_boot < 1:
-            raise ConfigError(f"The 'n_boot' parameter must be >= 1. Got {self.n_boot} instead.")
-        if self.gallery_k < 1:
-            raise ConfigError(f"The 'gallery_k' parameter must be >= 1. Got {self.gallery_k} instead.")
-        parse_heatmaps(self.heatmaps)
-
-
-def parse_heatmaps(value: Any) -> int | None:
-    """``--heatmaps`` as a count: ``None``/0 -> 0, a number -> that many, ``'all'`` -> None (all)."""
-    if value is None:
-        return 0
-    if isinstance(value, str) and value.strip().lower() == "all":
-        return None
-    try:
-        n = int(str(value).strip())
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise ConfigError(f"The 'heatmaps' parameter must be a number >= 0 or 'all'. Got {value!r} instead.")
-    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +388,7 @@ def evaluate_command(args) -> int:
     from .config import resolve_stage
     from .logging_setup import attach_run_log
 
-    inputs = resolve_stage(args, "evaluate", EvaluateConfig,
+    inputs = resolve_stage(args, "evaluate",
                            ("experiment", "features", "heatmaps", "protocol", "device", "threshold", "heatmap_mode"))
     attach_run_log(inputs.workspace, "evaluate", create_workspace=False)
     cfg = inputs.section
@@ -444,12 +396,12 @@ def evaluate_command(args) -> int:
     if experiment is None and inputs.raw:  # the same rule as train: train.experiment, name, recipe, model
         from .train_stage import config_experiment_name
 
-        experiment = config_experiment_name(inputs.raw, Path(args.config).resolve().parent)
+        experiment = config_experiment_name(inputs.config)
     if not experiment:
         raise ConfigError("no experiment: pass --experiment NAME (a folder under <workspace>/experiments)")
     features = cfg.features
-    if features is not None and getattr(args, "features", None) is None and getattr(args, "config", None) is not None:
-        features = Path(args.config).resolve().parent / features
+    if features is not None and getattr(args, "features", None) is None:
+        features = inputs.config.base / features
     out_dir = run_evaluation(inputs.workspace, experiment, protocol=cfg.protocol, heatmaps=cfg.heatmaps,
                              manifest=inputs.manifest, features=features, device=cfg.device, n_boot=cfg.n_boot,
                              gallery_k=cfg.gallery_k, cmap=cfg.cmap, threshold=cfg.threshold,

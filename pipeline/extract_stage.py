@@ -515,7 +515,7 @@ def extract_command(args) -> int:
         return 0
     if args.devices:
         return _spawn_per_device(args, args.devices)
-    inputs = resolve_stage(args, "extract", ExtractConfig, EXTRACT_FLAGS)
+    inputs = resolve_stage(args, "extract", EXTRACT_FLAGS)
     if inputs.manifest is not None:  # nothing (not even the log) is written before the manifest passes
         load_manifest(inputs.manifest, require=("path",), check_files=False)
     attach_run_log(inputs.workspace, "extract", create_workspace=False)

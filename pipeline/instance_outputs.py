@@ -142,20 +142,14 @@ def collect_slides(rows: pd.DataFrame, instance: Mapping[tuple, np.ndarray], coo
     return out
 
 
-def patch_geometry(bag_path: Path | None, coords_path: Path | None, slide_id: str,
+def patch_geometry(attrs: dict[str, Any], coords_path: Path | None, slide_id: str,
                    coords: np.ndarray) -> dict[str, Any]:
     """Patch size and resolution of a slide's bag: ``patch_size_level0`` (level-0 px) always,
     ``patch_size``, ``patch_level``, ``slide_mpp``, ``target_mpp`` where recorded.
 
-    Read from the bag's attributes, else the segment stage's coords file, else the patch grid
-    of ``coords`` (with a warning).
+    Read from the bag's attributes ``attrs`` (:meth:`mil.data.BagSet.attrs`), else the segment
+    stage's coords file, else the patch grid of ``coords`` (with a warning).
     """
-    attrs: dict[str, Any] = {}
-    if bag_path is not None and bag_path.suffix == ".h5":
-        import h5py
-
-        with h5py.File(bag_path, "r") as f:
-            attrs.update({k: f.attrs[k] for k in f.attrs})
     geo = {k: attrs[k] for k in ("patch_size_level0", "patch_size", "patch_level", "slide_mpp", "target_mpp")
            if k in attrs and attrs[k] is not None}
     if geo.get("patch_size_level0") is None and coords_path is not None and coords_path.is_file():
@@ -174,8 +168,9 @@ def patch_geometry(bag_path: Path | None, coords_path: Path | None, slide_id: st
         steps = np.diff(np.unique(coords[:, 0])) if len(coords) > 1 else np.array([])
         steps = steps[steps > 0]
         if not len(steps):
-            raise BagError(f"{bag_path}: no 'patch_size_level0' attribute, no coords file at {coords_path}, and "
-                           "too few patches to infer the grid; re-extract the bag with wsi-pipeline")
+            raise BagError(f"{slide_id}: the bag has no 'patch_size_level0' attribute, no coords file at "
+                           f"{coords_path}, and too few patches to infer the grid; re-extract the bag with "
+                           "wsi-pipeline")
         geo["patch_size_level0"] = float(steps.min())
         log.warning("%s: patch size not recorded; using the grid step %.0f level-0 px", slide_id,
                     geo["patch_size_level0"])
@@ -328,15 +323,12 @@ def write_instance_outputs(ws: Workspace, out_dir: Path, rows: pd.DataFrame, cho
     of :func:`collect_slides` and :func:`draw_heatmaps`; ``group_of`` maps a model key to its
     HDF5 group (its fold folder). Patch geometry comes from the bag or the segment stage's coords
     file (``ws``); a slide that cannot be written is skipped with a warning."""
-    from mil.data import find_bag
-
     slides = collect_slides(rows, instance, bags.coords, task, classes, spans, ensemble_of)
     cache: dict[str, dict] = {}
 
     def geometry(sid: str, coords: np.ndarray) -> dict:
         if sid not in cache:
-            cache[sid] = patch_geometry(find_bag(features_dir, sid), ws.coords_path(features_dir.name, sid),
-                                           sid, coords)
+            cache[sid] = patch_geometry(bags.attrs(sid), ws.coords_path(features_dir.name, sid), sid, coords)
         return cache[sid]
 
     for sid, slide in slides.items():

@@ -86,9 +86,9 @@ def write_prediction_geojson(out_dir: Path, rows: pd.DataFrame, instance: dict[t
             if s is not None and len(s) == len(coords):
                 scores[f"score {label}"] = np.asarray(s, dtype=np.float64)
         try:
-            patch0 = patch_px_of(sid, coords)
+            patch_px_level0 = patch_px_of(sid, coords)
             write_geojson(Path(out_dir) / f"{sid}.geojson",
-                          slide_prediction_collection(coords, patch0, scores, prediction))
+                          slide_prediction_collection(coords, patch_px_level0, scores, prediction))
             written += 1
         except PipelineError as exc:  # a file that cannot be written never loses the metrics
             log.warning("GeoJSON of %s skipped: %s", sid, str(exc).splitlines()[0])

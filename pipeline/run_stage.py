@@ -12,7 +12,7 @@ from pathlib import Path
 
 from extract.errors import ConfigError
 
-from .config import ExtractConfig, SegmentConfig, from_dict, resolve_stage
+from .config import resolve_stage
 from .logging_setup import attach_run_log
 from .manifest import load_manifest
 from .extract_stage import run_extract
@@ -24,14 +24,13 @@ log = logging.getLogger(__name__)
 def run_command(args) -> int:
     if getattr(args, "config", None) is None:
         raise ConfigError("`wsi-pipeline run` needs --config YAML (see configs/demo.yaml)")
-    seg = resolve_stage(args, "segment", SegmentConfig, ())
+    seg = resolve_stage(args, "segment")  # every section of the config is checked here
     if seg.manifest is None:
         raise ConfigError(f"{args.config}: no 'manifest:' (or pass --manifest)")
-    raw = seg.raw
-    base = Path(args.config).resolve().parent
+    config = seg.config
     overwrite = bool(args.overwrite)
     progress = not args.quiet
-    train_section = dict(raw.get("train") or {})
+    train_section = config.train_keys()
     allow_missing = bool(train_section.get("allow_missing"))
 
     def stop_if_failed(summary, stage: str) -> int | None:
@@ -42,29 +41,10 @@ def run_command(args) -> int:
             return 1
         return None
 
-    # Every section is checked before any slide is touched: a typo in 'train:' must not
-    # surface only after hours of segmentation and extraction.
-    try:
-        ext = from_dict(ExtractConfig, raw.get("extract"), where="extract.")
-        from .train_stage import resolve_train_config
-
-        train_config, recipe = resolve_train_config(train_section, base, {})
-    except ConfigError as exc:
-        raise ConfigError(f"{args.config}: {exc}") from exc
-    ev = dict(raw.get("evaluate") or {})
-    unknown = sorted(set(ev) - {"protocol", "heatmaps", "device"})
-    if unknown:
-        raise ConfigError(f"{args.config}: unknown key(s) in 'evaluate': {', '.join(unknown)}; "
-                          "valid: protocol, heatmaps, device")
-    from .evaluate_stage import PROTOCOLS, parse_heatmaps
-
-    try:
-        parse_heatmaps(ev.get("heatmaps", 0))
-    except ConfigError as exc:
-        raise ConfigError(f"{args.config}: {exc}") from exc
-    if ev.get("protocol", "default") not in PROTOCOLS:
-        raise ConfigError(f"{args.config}: The 'evaluate.protocol' key must be one of {', '.join(PROTOCOLS)}. "
-                          f"Got {ev['protocol']!r} instead.")
+    # The recipe is merged before any slide is touched: a typo in it must not surface only after
+    # hours of segmentation and extraction.
+    train_config, recipe = config.resolve_train()
+    ext, ev = config.extract, config.evaluate
 
     check_mpp = not getattr(args, "no_mpp_check", False)
     load_manifest(seg.manifest, require=("path",), check_files=False, check_mpp=check_mpp)
@@ -89,15 +69,16 @@ def run_command(args) -> int:
     print("== 3/4 train")
     from .train_stage import experiment_name, run_training
 
-    experiment = experiment_name(train_section, raw, recipe, train_config)
+    experiment = experiment_name(train_section, config.raw, recipe, train_config)
     exp_dir = run_training(seg.manifest, seg.workspace, features_dir, train_config, experiment,
                            resume=True, allow_missing=allow_missing, progress=progress)
 
     print("== 4/4 evaluate")
     from .evaluate_stage import run_evaluation
 
-    eval_dir = run_evaluation(seg.workspace, experiment, protocol=ev.get("protocol", "default"),
-                              heatmaps=ev.get("heatmaps", 0), device=ev.get("device", "auto"))
+    eval_dir = run_evaluation(seg.workspace, experiment, protocol=ev.protocol, heatmaps=ev.heatmaps,
+                              device=ev.device, n_boot=ev.n_boot, gallery_k=ev.gallery_k, cmap=ev.cmap,
+                              threshold=ev.threshold, heatmap_mode=ev.heatmap_mode)
 
     import json
 

@@ -100,10 +100,10 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
                     f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} micrometres per pixel; fix the manifest's 'mpp' or "
                     "--slide-mpp, or pass --no-mpp-check for an unusual scanner"
                 )
-            patch0 = level0_patch_px(config.patch_px, config.target_mpp, slide_mpp)
-            step0 = level0_patch_px(config.step_px or config.patch_px, config.target_mpp, slide_mpp)
+            patch_px_level0 = level0_patch_px(config.patch_px, config.target_mpp, slide_mpp)
+            step_px_level0 = level0_patch_px(config.step_px or config.patch_px, config.target_mpp, slide_mpp)
             patch_level, downsample = 0, 1.0
-            attr_patch = patch0
+            attr_patch = patch_px_level0
         else:
             if config.patch_level >= slide.level_count:
                 raise SlideError(
@@ -113,8 +113,8 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
             slide_mpp = slide.mpp
             patch_level = config.patch_level
             downsample = slide.level_downsamples[patch_level]
-            patch0 = int(round(config.patch_px * downsample))
-            step0 = int(round((config.step_px or config.patch_px) * downsample))
+            patch_px_level0 = int(round(config.patch_px * downsample))
+            step_px_level0 = int(round((config.step_px or config.patch_px) * downsample))
             attr_patch = config.patch_px
 
         if deep is None:
@@ -122,16 +122,16 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
             tissue = segment_tissue(image, params, scale)
         else:
             image, scale, tissue = _deep_tissue(slide, deep, params)
-        coords = tile_tissue(tissue, patch0, slide.dimensions, contour_fn=config.contour_fn,
-                             step_px=step0, use_padding=config.use_padding)
-        coords, region_text = _apply_annotations(coords, patch0, config, row.slide_id)
+        coords = tile_tissue(tissue, patch_px_level0, slide.dimensions, contour_fn=config.contour_fn,
+                             step_px_level0=step_px_level0, use_padding=config.use_padding)
+        coords, region_text = _apply_annotations(coords, patch_px_level0, config, row.slide_id)
         attrs = {
             "patch_size": int(attr_patch),
             "patch_level": int(patch_level),
             "downsample": [float(downsample), float(downsample)],
             "level_dim": list(slide.level_dimensions[patch_level]),
             "name": row.slide_id,
-            "patch_size_level0": int(patch0),
+            "patch_size_level0": int(patch_px_level0),
             "patch_px": int(config.patch_px),
             "target_mpp": float(config.target_mpp) if config.patch_level is None else -1.0,
             "slide_mpp": float(slide_mpp) if slide_mpp is not None else -1.0,
@@ -145,7 +145,7 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
         mpp_source = slide.mpp_source
         slide_wh = tuple(slide.dimensions)
         if preview_path is not None:
-            _write_preview(slide, image, scale, tissue, coords, patch0, row.slide_id, preview_path, slide_mpp)
+            _write_preview(slide, image, scale, tissue, coords, patch_px_level0, row.slide_id, preview_path, slide_mpp)
 
     n = int(len(coords))
     mpp_text = f"mpp {slide_mpp:.4f} from {mpp_source}" if slide_mpp else "no mpp (level-based tiling)"
@@ -154,7 +154,7 @@ def segment_slide(row, tmp_path: Path, config: SegmentConfig, preview_path: Path
         return SlideOutcome("done", f"{len(tissue.contours)} contour(s); {mpp_text}{ink_text}{region_text}",
                             patches=n, extra=extra)
     why = "no patch inside the include annotation" if region_text and not tissue.is_empty else \
-        _why_empty(tissue, patch0, slide_wh)
+        _why_empty(tissue, patch_px_level0, slide_wh)
     return SlideOutcome("empty", why + ink_text + region_text, patches=0, extra=extra)
 
 
@@ -166,7 +166,7 @@ def _annotation_file(folder: str, slide_id: str) -> Path | None:
     return None
 
 
-def _apply_annotations(coords, patch0: int, config: SegmentConfig, slide_id: str):
+def _apply_annotations(coords, patch_px_level0: int, config: SegmentConfig, slide_id: str):
     """Keep the patches the include/exclude GeoJSON of this slide allow; (coords, status text).
 
     A slide with no include file fails (tiling it whole would silently ignore the restriction);
@@ -186,7 +186,7 @@ def _apply_annotations(coords, patch0: int, config: SegmentConfig, slide_id: str
     if config.exclude_geojson is not None:
         path = _annotation_file(config.exclude_geojson, slide_id)
         exclude = load_polygons(path) if path is not None else []
-    keep = filter_coords(coords, patch0, include, exclude, config.contour_fn)
+    keep = filter_coords(coords, patch_px_level0, include, exclude, config.contour_fn)
     parts = []
     if include is not None:
         parts.append(f"{len(include)} include polygon(s)")
@@ -228,26 +228,26 @@ def _deep_tissue(slide, deep, params):
     return image, scale, segment_mask(deep.predict(image), params, scale, rgb=image)
 
 
-def _why_empty(tissue, patch0: int, slide_wh: tuple[int, int] | None = None) -> str:
+def _why_empty(tissue, patch_px_level0: int, slide_wh: tuple[int, int] | None = None) -> str:
     small = ""
-    if slide_wh is not None and min(slide_wh) < patch0:
-        small = f"the slide ({slide_wh[0]}x{slide_wh[1]} px) is smaller than one patch ({patch0} level-0 px); "
+    if slide_wh is not None and min(slide_wh) < patch_px_level0:
+        small = f"the slide ({slide_wh[0]}x{slide_wh[1]} px) is smaller than one patch ({patch_px_level0} level-0 px); "
     if tissue.is_empty:
         return small + tissue.describe_empty()
-    return small or f"tissue found but smaller than one patch ({patch0} level-0 px)"
+    return small or f"tissue found but smaller than one patch ({patch_px_level0} level-0 px)"
 
 
-def _write_preview(slide, image, scale, tissue, coords, patch0, slide_id, path: Path, slide_mpp) -> None:
+def _write_preview(slide, image, scale, tissue, coords, patch_px_level0, slide_id, path: Path, slide_mpp) -> None:
     from .previews import draw_preview, save_png
 
     # A 64x image of a small slide is too small to look at: read a larger one for the preview.
     if max(image.shape[:2]) < 800 and max(slide.dimensions) > max(image.shape[:2]):
         image, scale = slide.thumbnail(max(1.0, max(slide.dimensions) / 1200))
     mpp_text = f", {slide_mpp:.3f} um/px" if slide_mpp else ""
-    caption = f"{slide_id}: {len(coords)} patches of {patch0} level-0 px{mpp_text}"
+    caption = f"{slide_id}: {len(coords)} patches of {patch_px_level0} level-0 px{mpp_text}"
     if tissue.params.remove_ink:
         caption += f", ink {100 * tissue.ink_fraction:.1f}% removed"
-    save_png(path, draw_preview(image, scale, tissue.contours, tissue.holes, coords, patch0, caption,
+    save_png(path, draw_preview(image, scale, tissue.contours, tissue.holes, coords, patch_px_level0, caption,
                                 ink=tissue.ink_contours, mpp=slide_mpp))
 
 
@@ -311,7 +311,7 @@ def run_segment(manifest_path: Path, workspace: Path, config: SegmentConfig, sha
 
 
 def segment_command(args) -> int:
-    inputs = resolve_stage(args, "segment", SegmentConfig, SEG_FLAGS)
+    inputs = resolve_stage(args, "segment", SEG_FLAGS)
     check_mpp = not getattr(args, "no_mpp_check", False)
     _check_slide_mpp(getattr(args, "slide_mpp", None), check_mpp)
     if inputs.manifest is not None:  # nothing (not even the log) is written before the manifest passes

@@ -252,14 +252,10 @@ def format_status(stages: list[StageStatus], workspace: Path) -> str:
 def status_command(args) -> int:
     from extract.errors import ConfigError
 
-    from .config import load_yaml
+    from .config import load_config
 
-    workspace, manifest = args.workspace, args.manifest
-    if args.config is not None:
-        raw = load_yaml(args.config)
-        base = Path(args.config).resolve().parent
-        workspace = workspace or (base / raw["workspace"] if raw.get("workspace") else None)
-        manifest = manifest or (base / raw["manifest"] if raw.get("manifest") else None)
+    config = load_config(args.config)
+    workspace, manifest = args.workspace or config.workspace, args.manifest or config.manifest
     if workspace is None:
         raise ConfigError("no workspace: pass --workspace DIR (or --config with 'workspace:')")
     if not Path(workspace).is_dir():

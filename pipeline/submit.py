@@ -126,38 +126,31 @@ def _common_argv(args) -> list[str]:
 
 def plan_stages(args) -> tuple[list[Plan], Path, str | None, bool]:
     """What to submit: (plans, workspace, experiment, tolerate failed slides)."""
-    from .config import SegmentConfig, load_yaml, resolve_stage
+    from .config import resolve_stage
     from .segment_stage import SEG_FLAGS, tag_for
 
     stages = list(STAGES) if args.stage == "run" else [args.stage]
     if args.stage == "run" and args.config is None:
         raise ConfigError("`wsi-pipeline submit run` needs --config YAML (see configs/demo.yaml)")
-    raw = load_yaml(args.config) if args.config is not None else {}
-    seg = resolve_stage(args, "segment", SegmentConfig, SEG_FLAGS if args.stage == "segment" else ())
+    seg = resolve_stage(args, "segment", SEG_FLAGS if args.stage == "segment" else ())
     workspace = Path(seg.workspace).resolve()
-    slurm = raw.get("slurm") or {}
-    if not isinstance(slurm, dict):
-        raise ConfigError(f"{args.config}: the 'slurm' key must be a mapping")
+    slurm = seg.config.slurm
     flags = {name: getattr(args, name, None) for name in RESOURCE_FLAGS}
     base = _common_argv(args)
     extra = list(getattr(args, "stage_args", None) or [])
     if extra and args.stage == "run":
         raise ConfigError("`submit run` takes stage settings from --config only; put them in its sections")
-    train_section = dict(raw.get("train") or {})
+    train_section = seg.config.train_keys()
     tolerate = bool(train_section.get("allow_missing"))
 
     experiment = None
     folds_runs = 1
     if "train" in stages or "evaluate" in stages:
-        from .train_stage import experiment_name, resolve_train_config
+        from .train_stage import experiment_name
 
-        cfg_base = Path(args.config).resolve().parent if args.config else Path.cwd()
-        try:
-            train_config, recipe = resolve_train_config(train_section, cfg_base, {})
-        except ConfigError as exc:
-            raise ConfigError(f"{args.config}: {exc}") if args.config else exc
+        train_config, recipe = seg.config.resolve_train()
         experiment = (_flag_value(extra, "--experiment")
-                      or experiment_name(train_section, raw, recipe, train_config))
+                      or experiment_name(train_section, seg.config.raw, recipe, train_config))
         folds_runs = len(train_config.seeds) * (_int_flag(extra, "--folds") or train_config.folds)
 
     plans = []

@@ -30,13 +30,20 @@ import json
 import logging
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 from extract.errors import ConfigError, PipelineError
 
-from .config import CONFIG_DIR, from_dict, load_yaml, resolve_stage
+from .config import (
+    CONFIG_DIR,
+    TRAIN_STAGE_KEYS,
+    PipelineConfig,
+    from_dict,
+    load_yaml,
+    resolve_stage,
+    train_section_class,
+)
 from .experiment import experiment_runs, run_dir
 from .logging_setup import attach_run_log
 from .workspace import Workspace
@@ -48,27 +55,8 @@ __all__ = ["train_command", "run_training", "resolve_train_config", "find_featur
 
 #: Command-line flags that override TrainConfig fields.
 TRAIN_FLAGS = ("folds", "seeds", "epochs", "device")
-#: Keys of the YAML ``train:`` section that are not TrainConfig fields.
-_STAGE_KEYS = ("recipe", "experiment", "features", "allow_missing", "qc_filter")
 #: TrainConfig fields that may differ between runs of one experiment.
 _RUNTIME_FIELDS = ("device",)
-
-
-def _section_class():
-    """``TrainSection``: every TrainConfig field optional (None = not set) + the stage keys."""
-    from mil.train_config import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    specs: list[tuple[str, Any, Any]] = [
-        ("recipe", typing.Optional[str], dataclasses.field(default=None)),
-        ("experiment", typing.Optional[str], dataclasses.field(default=None)),
-        ("features", typing.Optional[str], dataclasses.field(default=None)),
-        ("allow_missing", typing.Optional[bool], dataclasses.field(default=None)),
-        ("qc_filter", typing.Optional[str], dataclasses.field(default=None)),
-    ]
-    for f in dataclasses.fields(TrainConfig):
-        specs.append((f.name, typing.Optional[hints[f.name]], dataclasses.field(default=None)))
-    return dataclasses.make_dataclass("TrainSection", specs, frozen=True)
 
 
 def _find_recipe(recipe: str, base: Path) -> Path:
@@ -107,7 +95,7 @@ def resolve_train_config(section: dict | None, base: Path, flags: dict | None = 
     from mil.train_config import TrainConfig
 
     section = dict(section or {})
-    from_dict(_section_class(), section, where="train.")  # types and unknown keys, with key paths
+    from_dict(train_section_class(), section, where="train.")  # types and unknown keys, with key paths
     merged: dict[str, Any] = {}
     recipe_path = None
     if section.get("recipe"):
@@ -121,7 +109,7 @@ def resolve_train_config(section: dict | None, base: Path, flags: dict | None = 
             raise ConfigError(f"recipe {recipe_path}: {exc}") from exc
         merged.update(recipe)
     for key, value in section.items():
-        if key in _STAGE_KEYS:
+        if key in TRAIN_STAGE_KEYS:
             continue
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             value = {**merged[key], **value}  # mhim / model_kw: inline keys refine the recipe's
@@ -445,16 +433,16 @@ def experiment_name(section: dict, raw: dict, recipe_path: Path | None, config) 
             or (f"mhim_{config.model}" if config.mhim is not None else config.model))
 
 
-def config_experiment_name(raw: dict, base: Path) -> str | None:
+def config_experiment_name(config: PipelineConfig) -> str | None:
     """The experiment a pipeline config trains (:func:`experiment_name`), None without one.
 
     ``evaluate --config X.yaml`` uses this, so it finds what ``train --config X.yaml`` made.
     """
-    section = dict(raw.get("train") or {})
-    if not section and not raw.get("name"):
+    section = config.train_keys()
+    if not section and not config.name:
         return None
-    config, recipe_path = resolve_train_config(section, base, {})
-    return experiment_name(section, raw, recipe_path, config)
+    train_config, recipe_path = resolve_train_config(section, config.base, {})
+    return experiment_name(section, config.raw, recipe_path, train_config)
 
 
 def is_bare_recipe(raw: dict) -> bool:
@@ -478,12 +466,11 @@ def _train_inputs(args):
             raise ConfigError(f"--config {config_path} is a train recipe and --recipe {recipe} is another; pass one")
         recipe = str(Path(config_path).resolve())
         args = argparse.Namespace(**{**vars(args), "config": None})
-    inputs = resolve_stage(args, "train", _section_class(), flag_names=())
-    section = dict(inputs.raw.get("train") or {})
+    inputs = resolve_stage(args, "train")
+    section = inputs.config.train_keys()
     if recipe is not None:
         section["recipe"] = recipe  # --recipe replaces the config's recipe; inline keys still refine it
-    base = Path(args.config).resolve().parent if getattr(args, "config", None) else Path.cwd()
-    return inputs, section, base
+    return inputs, section, inputs.config.base
 
 
 def train_command(args: argparse.Namespace) -> int:

@@ -114,3 +114,50 @@ def panel_box(img: np.ndarray) -> tuple[int, int, int, int]:
     best = max(range(1, n), key=lambda i: stats[i, cv2.CC_STAT_WIDTH] * stats[i, cv2.CC_STAT_HEIGHT])
     x, y, w, h = (int(stats[best, k]) for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
     return x + 1, y + 1, w - 2, h - 2
+
+
+def synthetic_bags(
+    n_bags: int,
+    n_instances: int | tuple[int, int],
+    dim: int,
+    witness_ratio: tuple[float, float] = (0.01, 0.03),
+    shift: float = 4.0,
+    seed: int = 0,
+    pos_fraction: float = 0.5,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Generated MIL bags: negatives are noise; positives carry a few witness instances.
+
+    Instances are standard normal in ``dim`` dimensions; a positive bag's witnesses (a random
+    share in ``witness_ratio`` of its instances, at least one) are shifted by ``shift`` noise
+    standard deviations along a fixed random direction: the signal a MIL model has to find.
+
+    Parameters
+    ----------
+    n_bags : number of bags (ids ``bag_000`` ...); the first ``round(pos_fraction * n_bags)``
+        after a seeded shuffle are positive.
+    n_instances : instances per bag, or ``(low, high)`` drawn uniformly per bag.
+    dim : feature size.
+
+    Returns
+    -------
+    features : dict slide_id -> float32 ndarray [N, dim]
+    labels : dict slide_id -> 0 or 1
+    """
+    rng = np.random.default_rng(seed)
+    direction = rng.standard_normal(dim).astype(np.float32)
+    direction *= shift / np.linalg.norm(direction)
+    n_pos = int(round(pos_fraction * n_bags))
+    positive = np.zeros(n_bags, dtype=bool)
+    positive[rng.permutation(n_bags)[:n_pos]] = True
+    features: dict[str, np.ndarray] = {}
+    labels: dict[str, int] = {}
+    for i in range(n_bags):
+        n = n_instances if isinstance(n_instances, int) else int(rng.integers(n_instances[0], n_instances[1] + 1))
+        x = rng.standard_normal((n, dim), dtype=np.float32)
+        if positive[i]:
+            k = max(1, int(round(rng.uniform(*witness_ratio) * n)))
+            x[rng.choice(n, size=k, replace=False)] += direction
+        sid = f"bag_{i:03d}"
+        features[sid] = x
+        labels[sid] = int(positive[i])
+    return features, labels

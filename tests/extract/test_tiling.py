@@ -78,7 +78,7 @@ def test_vectorised_equals_clam_loop_with_overlap_on_a_real_slide(slides_dir):
         rgb, scale = segmentation_image(s)
         tissue = segment_tissue(rgb, load_preset("bwh_biopsy"), scale)
         wh = s.dimensions
-    fast = tile_tissue(tissue, 256, wh, step_px=128)
+    fast = tile_tissue(tissue, 256, wh, step_px_level0=128)
     np.testing.assert_array_equal(fast, _clam_loop(tissue, 256, wh, step=128))
     assert len(fast) > 4 * 169 * 0.9                     # half step: ~4x the patches
 
@@ -181,5 +181,5 @@ def test_bad_arguments_are_config_errors():
     empty = Tissue([], [], 0, 8.0, 0.0, 0.0, (1.0, 1.0), (10, 10))
     with pytest.raises(ConfigError, match="The 'contour_fn' parameter of tile_tissue must be one of"):
         tile_tissue(empty, 256, (10, 10), contour_fn="six_pt")
-    with pytest.raises(ConfigError, match="The 'patch_px' parameter"):
+    with pytest.raises(ConfigError, match="The 'patch_px_level0' parameter"):
         tile_tissue(empty, 0, (10, 10))

@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from extract.bags import write_bag
+from extract.bags import find_bag, write_bag
 from extract.errors import BagError, ConfigError
 from mil.data import (
     BagSet,
     encode_labels,
-    find_bag,
     load_bags,
     make_splits,
     make_targets,
-    synthetic_bags,
 )
 from pipeline.manifest import SlideRow
+from tests.helpers import synthetic_bags
 
 
 def _write(folder: Path, features: dict[str, np.ndarray]) -> Path:

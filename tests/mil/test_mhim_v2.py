@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 
 from extract.bags import write_bag
-from mil.data import LabelMap, Targets, load_bags, make_targets, synthetic_bags
+from mil.data import LabelMap, Targets, load_bags, make_targets
 from mil.grn import GlobalRecycleNetwork
 from mil.masking import n_masked
 from mil.mhim import MHIM
@@ -26,7 +26,7 @@ from mil.inference import predict_bags
 from mil.trainer import train_fold
 from pipeline.manifest import load_manifest
 from pipeline.train_stage import resolve_train_config
-from tests.helpers import write_bags
+from tests.helpers import synthetic_bags, write_bags
 
 V2_RECIPES = {
     "mhimv2_abmil_c16": ("abmil", "classification"),

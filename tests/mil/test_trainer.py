@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from extract.errors import CheckpointError, ConfigError
-from mil.data import LabelMap, Targets, load_bags, synthetic_bags
+from mil.data import LabelMap, Targets, load_bags
 from mil.checkpoints import load_student, read_checkpoint
 from mil.inference import predict_bags
 from mil.train_config import TrainConfig
 from mil.trainer import EarlyStopping, train_fold
-from tests.helpers import write_bags
+from tests.helpers import synthetic_bags, write_bags
 
 MHIM = {"mask_ratio": 0.5, "mask_ratio_h": 0.01, "mask_ratio_hr": 0.5, "mrh_schedule": "cosine", "cl_alpha": 0.1}
 

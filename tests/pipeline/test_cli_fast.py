@@ -93,6 +93,7 @@ def test_train_config_module_imports_no_torch():
     ("  epochz: 3", "'train.epochz' (did you mean 'epochs'?)"),
     ("  mhim: {mask_ration: 0.3}", "'train.mhim.mask_ration' (did you mean 'mask_ratio'?)"),
     ("  lr: -1", "The 'lr' parameter of TrainConfig must be a float > 0"),
+    ("evaluate: {n_bot: 5}", "'evaluate.n_bot' (did you mean 'n_boot'?)"),
 ])
 def test_a_train_section_error_answers_before_torch(tmp_path, section, message):
     cfg = tmp_path / "bad.yaml"

@@ -38,3 +38,39 @@ def test_run_checks_every_section_before_touching_a_slide(tmp_path, capsys, sect
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert str(cfg) in line and expected in line
     assert not (tmp_path / "ws").exists()  # the typo was caught before segmentation started
+
+
+def test_run_accepts_every_evaluate_key_that_evaluate_accepts(tmp_path, capsys):
+    """Regression: `run` once checked `evaluate:` against its own key list and refused n_boot,
+    gallery_k and cmap. Here it gets past every section and stops at the missing manifest."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("manifest: missing.csv\nworkspace: ws\nsegment: {preset: bwh_biopsy}\n"
+                   "train: {recipe: abmil}\n"
+                   "evaluate: {n_boot: 50, gallery_k: 4, cmap: magma, threshold: argmax, heatmap_mode: rank,\n"
+                   "           protocol: paper, heatmaps: all, device: cpu}\n")
+    assert main(["run", "--config", str(cfg), "-q"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{tmp_path / 'missing.csv'}: manifest not found" in line
+    cfg.write_text("manifest: missing.csv\nworkspace: ws\nevaluate: {n_bot: 50}\n")
+    assert main(["run", "--config", str(cfg), "-q"]) == 2
+    assert "'evaluate.n_bot' (did you mean 'n_boot'?)" in capsys.readouterr().err
+
+
+def test_one_root_config_resolves_paths_once_and_every_command_checks_all_of_it(tmp_path, capsys):
+    from pipeline.config import EvaluateConfig, load_config
+
+    (tmp_path / "sub").mkdir()
+    cfg = tmp_path / "sub" / "c.yaml"
+    cfg.write_text("name: n\nmanifest: ../m.csv\nworkspace: /abs/ws\nevaluate: {n_boot: 7}\n"
+                   "train: {recipe: abmil, epochs: 3}\n")
+    config = load_config(cfg)
+    assert config.manifest == tmp_path / "sub" / ".." / "m.csv" and str(config.workspace) == "/abs/ws"
+    assert config.evaluate == EvaluateConfig(n_boot=7) and config.train.epochs == 3 and config.name == "n"
+    assert config.resolve_train()[0].epochs == 3
+    # a typo in a section the command does not use is still refused, before anything is written
+    cfg.write_text("manifest: ../m.csv\nworkspace: ws\nevaluate: {cmpa: jet}\n")
+    assert main(["segment", "--config", str(cfg), "-q"]) == 2
+    assert "'evaluate.cmpa' (did you mean 'cmap'?)" in capsys.readouterr().err
+    cfg.write_text("manifests: m.csv\n")
+    assert main(["status", "--config", str(cfg)]) == 2
+    assert "'manifests' (did you mean 'manifest'?)" in capsys.readouterr().err

@@ -15,11 +15,10 @@ import torch
 import yaml
 
 from extract.errors import ConfigError
-from mil.data import synthetic_bags
 from mil.train_config import TrainConfig
 from pipeline.cli import main
 from pipeline.train_stage import experiment_runs, resolve_train_config, run_training
-from tests.helpers import write_bags
+from tests.helpers import synthetic_bags, write_bags
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread on a shared 2-core box

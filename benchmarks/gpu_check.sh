@@ -39,7 +39,7 @@ GPU_DATA=${GPU_DATA:-.gpu_data}
 START=$(date +%s)
 
 if [ "$MODE" = gpu ]; then
-  DEV=cuda; SLIDES=12; WORKERS=12; DEMO_WORKERS=4; BENCH_SIZE=40000x30000; N=3000; NU=1500; EPOCHS=2
+  DEV=cuda; SLIDES=12; WORKERS=12; DEMO_WORKERS=4; BENCH_SIZE=80000x60000; N=3000; NU=1500; EPOCHS=2  # 80k x 60k: the 40k x 30k slide gave only 389 patches in its largest tissue piece on the first H200 run
   ENC2=uni; FP16=fp16; BF16=bf16; XLIMIT=120; BUDGET=${GPU_CHECK_BUDGET:-420}
 else  # rehearsal: a ViT-S stands in for UNI's ViT-L (the same timm ViT code path);
   # fp32 (CPU autocast in half precision is slower than fp32)

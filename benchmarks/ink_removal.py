@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from extract.segmentation import PRESETS, segment_tissue, segmentation_image, tissue_mask  # noqa: E402
 from extract.slide import Slide  # noqa: E402
-from extract.synthetic import write_svs  # noqa: E402
+from extract.svs_writer import write_svs  # noqa: E402
 from extract.tiling import tile_tissue  # noqa: E402
 
 SMEAR = (slice(620, 1000), slice(3500, 4150))

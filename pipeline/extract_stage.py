@@ -158,8 +158,9 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
         return outcomes if several else outcomes[0]
     qc = {}
 
-    patch0 = int(cattrs["patch_size_level0"])
-    out_px = int(cattrs.get("patch_px", 0)) or min(patch0, max([ex.config.input_size for ex in extractors] + [224]))
+    patch_px_level0 = int(cattrs["patch_size_level0"])
+    out_px = int(cattrs.get("patch_px", 0)) or min(patch_px_level0,
+                                                    max([ex.config.input_size for ex in extractors] + [224]))
     import torch
 
     with torch.inference_mode():  # features stay on the device until the slide is done (one sync)
@@ -171,7 +172,7 @@ def extract_slide(row, tmp_path, coords_path: Path, extractor, config: ExtractCo
     from .stage_clock import StageClock
 
     clock = StageClock()  # device time per stage, without a per-batch sync
-    batches = iter_patch_batches(row.path, coords, patch0, out_px, batch_size=config.batch_size,
+    batches = iter_patch_batches(row.path, coords, patch_px_level0, out_px, batch_size=config.batch_size,
                                  num_workers=config.num_workers, mpp=row.mpp, pin_memory=pin,
                                  ordered=False)
     from tqdm.auto import tqdm

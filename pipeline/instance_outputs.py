@@ -286,10 +286,10 @@ def draw_heatmaps(slides: Mapping[str, SlideInstances], chosen: Sequence[dict], 
             order = unit.get("raw", unit["rank"])
             values = unit["absolute"] if mode == "absolute" else (None if "raw" in unit else unit["rank"])
             try:
-                patch0 = geometry_of(sid, slide.coords)["patch_size_level0"]
+                patch_px_level0 = geometry_of(sid, slide.coords)["patch_size_level0"]
                 written += write_slide_heatmaps(
-                    mrow.path, slide.coords, order, patch0, out_dir / "heatmaps", sid, title=title, mpp=mrow.mpp,
-                    k=k, cmap=cmap, values=values,
+                    mrow.path, slide.coords, order, patch_px_level0, out_dir / "heatmaps", sid, title=title,
+                    mpp=mrow.mpp, k=k, cmap=cmap, values=values,
                     value_label=weight_label(task, classes) if mode == "absolute" else
                     "mean over models of the rank within the slide")
             except PipelineError as exc:  # a picture that cannot be drawn never loses the metrics

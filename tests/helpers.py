@@ -50,7 +50,7 @@ def write_cohort(root: Path, ids: list[str], labels: list[str] | None, seed: int
     that make the class (or an early event) learnable.
     """
     from extract.bags import write_bag
-    from extract.synthetic import write_svs
+    from extract.svs_writer import write_svs
 
     rng = np.random.default_rng(seed)
     slides = root / "slides"

@@ -18,7 +18,8 @@ from extract.errors import ConfigError
 from extract.ink import INK_COLOURS, ink_mask, ink_masks, parse_colours
 from extract.segmentation import PRESETS, SegmentParams, segment_tissue, segmentation_image, tissue_mask
 from extract.slide import Slide
-from extract.synthetic import make_cohort, write_svs
+from extract.svs_writer import write_svs
+from extract.synthetic import make_cohort
 from extract.tiling import tile_tissue
 from pipeline.cli import main
 

@@ -39,7 +39,7 @@ def _max_diff(a, b) -> int:
 @pytest.fixture(scope="module")
 def pyramid_slide(tmp_path_factory, images_dir) -> Path:
     """A 2560 x 2560 Aperio-layout SVS at 0.25 mpp: levels 1x and 4x (640 x 640), 256-px tiles."""
-    from extract.synthetic import write_svs
+    from extract.svs_writer import write_svs
 
     rgb = cv2.cvtColor(cv2.imread(str(images_dir / "prostate_he_2500.jpeg")), cv2.COLOR_BGR2RGB)
     image = np.full((2560, 2560, 3), 255, np.uint8)

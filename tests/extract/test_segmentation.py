@@ -20,7 +20,7 @@ from extract.segmentation import (
     segmentation_image,
 )
 from extract.slide import Slide
-from extract.synthetic import write_svs
+from extract.svs_writer import write_svs
 from extract.tiling import tile_tissue
 
 PINK = (230, 160, 200)

@@ -12,13 +12,8 @@ import openslide
 import pytest
 
 from extract.errors import ConfigError
-from extract.synthetic import (
-    make_cohort,
-    pyramid_dimensions,
-    write_large_svs,
-    write_svs,
-    write_svs_tiles,
-)
+from extract.svs_writer import pyramid_dimensions, write_svs, write_svs_tiles
+from extract.synthetic import make_cohort, write_large_svs
 
 
 def _read(slide, level, loc=(0, 0), size=None):

@@ -9,7 +9,7 @@ import pytest
 from extract.errors import ConfigError
 from extract.segmentation import Tissue, load_preset, segment_tissue, segmentation_image
 from extract.slide import Slide
-from extract.synthetic import write_svs
+from extract.svs_writer import write_svs
 from extract.tiling import level0_patch_px, points_in_polygon, tile_tissue
 
 

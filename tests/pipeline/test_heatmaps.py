@@ -123,7 +123,7 @@ def marked_slide(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
 
     Returns the path, the patch coords (128 px level 0) and scores that rank red top, blue bottom.
     """
-    from extract.synthetic import write_svs
+    from extract.svs_writer import write_svs
 
     patch = 128
     img = np.full((1100, 2400, 3), 245, np.uint8)

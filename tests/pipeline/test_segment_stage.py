@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract.synthetic import write_svs
+from extract.svs_writer import write_svs
 from pipeline.cli import main
 from tests.helpers import coords_of
 from tests.helpers import read_status as status

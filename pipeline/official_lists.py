@@ -29,7 +29,8 @@ __all__ = ["read_official_labels", "read_official_survival", "convert_official",
 log = logging.getLogger(__name__)
 
 _HEADER_WORDS = {"id", "slide", "slide_id", "case", "case_id", "patient", "label", "labels", "class", "target"}
-#: TCGA case barcode: the first three fields of a slide barcode (TCGA-XX-XXXX).
+#: TCGA case barcode: the first three fields of a slide barcode (project, tissue source site,
+#: participant; e.g. TCGA-A7-A0CE of TCGA-A7-A0CE-01Z-00-DX1).
 _TCGA_CASE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
 
 

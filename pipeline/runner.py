@@ -35,6 +35,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from extract.errors import ConfigError, PipelineError
+from extract.runtime import atomic_write_text
 
 from .os_errors import describe_os_error, workspace_problem
 from .records import STATUS_FIELDS, SlideRecords, StatusFile
@@ -496,10 +497,7 @@ def _remember_manifest(out_dir: Path, manifest: Path) -> None:
     with contextlib.suppress(OSError):
         if path.read_text() == text:
             return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _record(status: SlideStatus, started: float) -> dict:

@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .records import SlideRecords, _private_name
+from extract.runtime import atomic_write
+
+from .records import SlideRecords
 
 SUMMARY_FIELDS = ("seed", "fold", "status", "best_epoch", "metric", "value", "seconds_per_epoch", "dir", "message")
 
@@ -103,10 +105,11 @@ def rebuild_summary(exp_dir: Path) -> list[dict]:
     with open(exp_dir / ".summary.lock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         rows = summary_rows(exp_dir)
-        tmp = _private_name(path)
-        with open(tmp, "w", newline="") as f:
+
+        def write(f) -> None:
             writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
             writer.writeheader()
             writer.writerows({k: "" if row.get(k) is None else row[k] for k in SUMMARY_FIELDS} for row in rows)
-        os.replace(tmp, path)
+
+        atomic_write(path, write, mode="w")
     return rows

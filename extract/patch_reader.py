@@ -49,8 +49,10 @@ else the next coarser one) and resized (listed in ``retried``); if that fails it
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,7 @@ _LEVEL_TOLERANCE = 0.01  # relative; rounded level sizes make downsamples drift 
 _FAST_VENDORS = ("aperio", "generic-tiff")
 _MIN_OPENSLIDE_BLOCK = 512
 _MAX_ERRORS_KEPT = 20
+_MAX_GROUP_PATCHES = 256  # patches per work group (plan_groups' max_patches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +173,7 @@ def plan_groups(
     read_px: int,
     tile_wh: tuple[int, int],
     block_px: int = 4096,
-    max_patches: int = 256,
+    max_patches: int = _MAX_GROUP_PATCHES,
 ) -> list[np.ndarray]:
     """Split patches into work groups that each touch a compact set of tiles.
 
@@ -226,40 +229,90 @@ class TileDecodeError(Exception):
 
 
 _MISS = object()
+# Decoded-tile buffers no cache holds, kept for the next decode in this process (all readers):
+# writing into memory already mapped avoids ~48 page faults per 256-px tile.
+_TILE_SPARES: list[np.ndarray] = []
+_TILE_SPARES_BYTES = 64 << 20
 
 
 class _TileLRU:
-    """Decoded tiles of one level, least recently used evicted past a byte budget.
+    """Decoded tiles of one level: a small hot LRU for the sweep, a larger one for carried tiles.
 
-    A group's sweep leaves its passed tiles least recent, and the next group in the same
-    process (the neighbouring segment or band) finds the tiles it shares with the last one.
+    A group's sweep needs only the few tile columns (or rows) its current patches span, so the
+    hot LRU holds about that many tiles (:meth:`fit`) and its evicted tiles' memory is reused as
+    the next decode target: a fresh array per tile costs a page fault per 4 KiB (~48 per 256-px
+    JPEG tile, 30-60 % of the decode time again) and a long LRU hands back memory long out of
+    the CPU caches. Tiles on a group's far edge (:meth:`fit`'s ``carry_from``), which the
+    neighbouring segment or next band will read again, leave the hot LRU for the carry LRU
+    (byte budget) instead, so they are decoded once.
     """
 
-    def __init__(self, budget_bytes: int):
+    def __init__(self, carry_bytes: int):
         from collections import OrderedDict
 
-        self.budget = int(budget_bytes)
-        self.items: "OrderedDict[tuple[int, int], np.ndarray | None]" = OrderedDict()
-        self.bytes = 0
+        self.hot: "OrderedDict[tuple[int, int], np.ndarray | None]" = OrderedDict()
+        self.carry: "OrderedDict[tuple[int, int], np.ndarray | None]" = OrderedDict()
+        self.hot_tiles = 16
+        self.carry_budget = int(carry_bytes)
+        self.carry_bytes = 0
+        self.carry_from = (0, 0)  # (col, row): evicted tiles at or past either are carried
 
     @staticmethod
     def _size(tile) -> int:
         return 64 if tile is None else int(tile.nbytes)
 
+    def fit(self, hot_tiles: int, carry_from: tuple[int, int]) -> None:
+        """Size the hot LRU for the coming group and name its far edge (tile col, row)."""
+        self.hot_tiles = max(4, int(hot_tiles))
+        self.carry_from = carry_from
+
     def get(self, key):
-        tile = self.items.get(key, _MISS)
+        tile = self.hot.get(key, _MISS)
         if tile is not _MISS:
-            self.items.move_to_end(key)
+            self.hot.move_to_end(key)
+            return tile
+        tile = self.carry.pop(key, _MISS)
+        if tile is not _MISS:
+            self.carry_bytes -= self._size(tile)
+            self.put(key, tile)
         return tile
 
     def put(self, key, tile) -> None:
-        if key in self.items:
-            self.bytes -= self._size(self.items.pop(key))
-        self.items[key] = tile
-        self.bytes += self._size(tile)
-        while self.bytes > self.budget and len(self.items) > 1:
-            _, old = self.items.popitem(last=False)
-            self.bytes -= self._size(old)
+        self.hot.pop(key, None)
+        self.hot[key] = tile
+        while len(self.hot) > self.hot_tiles:
+            old_key, old = self.hot.popitem(last=False)
+            if old_key[0] >= self.carry_from[0] or old_key[1] >= self.carry_from[1]:
+                self.carry[old_key] = old
+                self.carry_bytes += self._size(old)
+                while self.carry_bytes > self.carry_budget and self.carry:
+                    _, dropped = self.carry.popitem(last=False)
+                    self.carry_bytes -= self._size(dropped)
+                    self._recycle(dropped)
+            else:
+                self._recycle(old)
+
+    @staticmethod
+    def _recycle(tile) -> None:
+        if tile is not None and tile.flags.c_contiguous and tile.flags.writeable:
+            if len(_TILE_SPARES) * tile.nbytes < _TILE_SPARES_BYTES:
+                _TILE_SPARES.append(tile)
+
+    @staticmethod
+    def spare(shape: tuple[int, ...]) -> np.ndarray | None:
+        """A released tile buffer of ``shape`` to decode into, or None."""
+        for k in range(len(_TILE_SPARES) - 1, -1, -1):
+            if _TILE_SPARES[k].shape == shape:
+                return _TILE_SPARES.pop(k)
+        return None
+
+    def release(self) -> None:
+        """Hand every cached tile's memory to the next reader in this process (the next slide)."""
+        for store in (self.hot, self.carry):
+            for tile in store.values():
+                self._recycle(tile)
+            store.clear()
+        self.carry_bytes = 0
 
 
 class _TiffLevel:
@@ -304,7 +357,7 @@ class _TiffLevel:
                 rgb_stream = self.photometric == 2 and b"JFIF" not in data[:24]
                 arr = imagecodecs.jpeg8_decode(
                     data, tables=self.jpegtables, colorspace="RGB" if rgb_stream else None,
-                    outcolorspace="RGB",
+                    outcolorspace="RGB", out=self.cache.spare((self.tile_h, self.tile_w, 3)),
                 )
             else:
                 arr = self.page.decode(data, index, jpegtables=self.jpegtables)[0]
@@ -371,6 +424,9 @@ class _Handles:
     def close(self) -> None:
         if self.pid != os.getpid():
             return  # inherited through fork: the parent owns these
+        for source in self._levels.values():
+            source.cache.release()
+        self._levels.clear()
         self.slide.close()
         if self.tif is not None:
             self.tif.close()
@@ -488,6 +544,7 @@ class GroupResult:
     tiles_decoded: int
     source: str
     errors: list[str] = field(default_factory=list)
+    release: object = None  # called once every row of ``patches`` was copied out (buffer reuse)
 
 
 @dataclass
@@ -669,6 +726,13 @@ class PatchReader:
         scratch = np.empty((R, R, 3), dtype=np.uint8) if R != S else None
         tw, th, lw, lh = source.tile_w, source.tile_h, source.level_w, source.level_h
         lru = source.cache
+        if n:
+            # Hot set: the group's whole extent across the sweep times one patch (+1 tile)
+            # along it; the sweep axis is not known here, so the larger of the two.
+            span_x = (int(lxy[:, 0].max()) - int(lxy[:, 0].min()) + R) // tw + 2
+            span_y = (int(lxy[:, 1].max()) - int(lxy[:, 1].min()) + R) // th + 2
+            lru.fit(max(span_x * (R // th + 2), span_y * (R // tw + 2)),
+                    (int(lxy[:, 0].max()) // tw + 1, int(lxy[:, 1].max()) // th + 1))
         failed: dict[tuple[int, int], TileDecodeError] = {}
         errors: list[str] = []
         ok = np.ones(n, dtype=bool)
@@ -806,6 +870,29 @@ def _worker_init(_worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
+class _GroupBuffers:
+    """Group buffers of in-process reads, reused across groups and slides.
+
+    A fresh ``[256, 256, 256, 3]`` buffer (48 MiB) costs ~12,000 page faults, paid again by
+    every slide; buffers whose rows are all in batches come back here (at most two kept).
+    """
+
+    spares: list[np.ndarray] = []
+    keep = 2
+
+    @classmethod
+    def take(cls, rows: int, S: int) -> np.ndarray:
+        for k, buf in enumerate(cls.spares):
+            if buf.shape[0] >= rows and buf.shape[1] == S:
+                return cls.spares.pop(k)
+        return np.empty((max(rows, _MAX_GROUP_PATCHES), S, S, 3), dtype=np.uint8)
+
+    @classmethod
+    def give(cls, buf: np.ndarray) -> None:
+        cls.spares.append(buf)
+        del cls.spares[:-cls.keep]
+
+
 class PatchBatches:
     """Iterator of ``(indices int64 [b], patches uint8 [b, S, S, 3])`` with a ``report``.
 
@@ -825,6 +912,7 @@ class PatchBatches:
         self.groups = reader.plan(coords)
         self.report = ReadReport(len(coords), g.level, g.downsample, g.read_px, g.out_px)
         self._started = False
+        self._ring: list[np.ndarray] = []  # full-size numpy batches, reused once released
 
     def __len__(self) -> int:
         """Upper bound on the number of batches (dropped patches can make it smaller)."""
@@ -832,8 +920,15 @@ class PatchBatches:
 
     def _results(self) -> Iterator[GroupResult]:
         if self.num_workers == 0 or not self.groups:
+            S = self.reader.out_px
             for group in self.groups:
-                yield self.reader.read_group(self.coords, group)
+                buf = _GroupBuffers.take(len(group), S)
+                result = self.reader.read_group(self.coords, group, out=buf[:len(group)])
+                if np.may_share_memory(result.patches, buf):
+                    result.release = functools.partial(_GroupBuffers.give, buf)
+                else:  # some patches dropped: ``patches`` is a copy of the kept rows
+                    _GroupBuffers.give(buf)
+                yield result
             return
         from .reader_pool import acquire_pool, release_pool
 
@@ -845,6 +940,26 @@ class PatchBatches:
             yield from pool.run(self.reader, self.coords, self.groups, self.prefetch_groups)
         finally:
             release_pool(pool)
+
+    def _numpy_batch(self, b: int, S: int) -> np.ndarray:
+        """A ``[b, S, S, 3]`` array for the next batch: one the consumer let go of, else new.
+
+        A fresh 12 MiB batch costs ~3,000 page faults. An array only this ring refers to (no
+        consumer variable, view or ``torch.from_numpy`` tensor holds it: CPython's reference
+        count says so) is overwritten instead. Pinned torch batches are never reused this way:
+        an asynchronous copy may still read one the consumer dropped (torch's pinned
+        allocator recycles those safely itself).
+        """
+        for k, buf in enumerate(self._ring):
+            # the ring's list slot, the loop variable and getrefcount's own argument
+            if buf.shape[0] == b and sys.getrefcount(buf) <= 3:
+                self._ring.append(self._ring.pop(k))
+                return buf
+        buf = np.empty((b, S, S, 3), dtype=np.uint8)
+        if b == self.batch_size:
+            self._ring.append(buf)
+            del self._ring[:-3]  # the batch being filled, the one the consumer holds, one spare
+        return buf
 
     def _emit(self, parts: list[tuple[np.ndarray, int]], indices: list[int]):
         b = len(parts)
@@ -858,7 +973,7 @@ class PatchBatches:
             batch = torch.empty((b, S, S, 3), dtype=torch.uint8, pin_memory=pin)
             view = batch.numpy()
         else:
-            batch = view = np.empty((b, S, S, 3), dtype=np.uint8)
+            batch = view = self._numpy_batch(b, S)
         for k, (chunk, row) in enumerate(parts):
             view[k] = chunk[row]
         return np.asarray(indices, dtype=np.int64), batch
@@ -873,18 +988,39 @@ class PatchBatches:
         ready: dict[int, tuple[np.ndarray, int]] = {}
         parts: list[tuple[np.ndarray, int]] = []
         part_idx: list[int] = []
+        # id(chunk) -> [rows not yet in a batch, release]: a chunk's buffer goes back for reuse
+        # once its last row was copied into a batch.
+        unemitted: dict[int, list] = {}
         nxt = 0
+
+        def emit():
+            batch = self._emit(parts, part_idx)
+            for chunk, _ in parts:
+                entry = unemitted.get(id(chunk))
+                if entry is not None:
+                    entry[0] -= 1
+                    if entry[0] == 0:
+                        del unemitted[id(chunk)]
+                        entry[1]()
+            parts.clear()
+            part_idx.clear()
+            return batch
+
         try:
             for result in self._results():
                 self.report.add(result)
                 chunk = result.patches.numpy() if hasattr(result.patches, "numpy") else result.patches
+                if result.release is not None:
+                    if len(result.indices):
+                        unemitted[id(chunk)] = [len(result.indices), result.release]
+                    else:
+                        result.release()
                 if not self.ordered:
                     for row, idx in enumerate(result.indices):
                         parts.append((chunk, row))
                         part_idx.append(int(idx))
                         if len(parts) == self.batch_size:
-                            yield self._emit(parts, part_idx)
-                            parts, part_idx = [], []
+                            yield emit()
                     continue
                 for row, idx in enumerate(result.indices):
                     ready[int(idx)] = (chunk, row)
@@ -895,11 +1031,10 @@ class PatchBatches:
                         parts.append(ready.pop(nxt))
                         part_idx.append(nxt)
                         if len(parts) == self.batch_size:
-                            yield self._emit(parts, part_idx)
-                            parts, part_idx = [], []
+                            yield emit()
                     nxt += 1
             if parts:
-                yield self._emit(parts, part_idx)
+                yield emit()
         finally:
             self.report.seconds = time.perf_counter() - t0
             if self._owns_reader:

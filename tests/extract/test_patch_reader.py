@@ -290,3 +290,43 @@ def test_cuda_pinned_batches_feed_preprocess(slides_dir):
         cpu = preprocess_on_device(patches, cfg, torch.float32)
         assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(x.float().cpu(), cpu, atol=0.05, rtol=0.02)
+
+
+# -- buffer reuse ------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [0, 1])
+def test_reused_buffers_never_change_a_batch_the_consumer_still_holds(slides_dir, pyramid_slide, workers):
+    """Group buffers, shared-memory slabs, decoded-tile memory and dropped batches are reused
+    (slide after slide); a batch the consumer keeps, or wraps in a tensor, stays as read."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    for path, side in ((slides_dir / "cmu_small_region.svs", 2000), (pyramid_slide, 2000), (pyramid_slide, 2000)):
+        coords = np.stack([rng.integers(0, side, 90), rng.integers(0, side, 90)], axis=1)
+        with PatchReader(path, 256, 128, block_px=256) as reader:
+            _, expected, _ = reader.read(coords)
+            kept, wrapped = [], []
+            for k, (idx, patches) in enumerate(iter_patch_batches(reader, coords, batch_size=8, num_workers=workers)):
+                assert np.array_equal(patches, expected[idx])
+                if k % 3 == 0:
+                    kept.append((idx, patches))
+                elif k % 3 == 1:
+                    wrapped.append((idx, torch.from_numpy(patches)))
+        for idx, patches in kept:
+            assert np.array_equal(patches, expected[idx])
+        for idx, tensor in wrapped:
+            assert np.array_equal(tensor.numpy(), expected[idx])
+
+
+def test_tiles_shared_by_neighbouring_work_groups_are_decoded_once(pyramid_slide):
+    """Small work groups (many bands and segments), a grid off the tile grid: each stored tile
+    the patches cover is decoded exactly once, with a tile cache far smaller than the slide."""
+    xs = np.arange(37, 2560 - 512, 256)  # overlapping patches, 3 x 3 tiles each
+    gx, gy = np.meshgrid(xs, xs)
+    coords = np.stack([gx.ravel(), gy.ravel()], axis=1)  # row-major
+    covered = {(c, r) for x, y in coords for r in range(y // 256, (y + 511) // 256 + 1)
+               for c in range(x // 256, (x + 511) // 256 + 1)}
+    with PatchReader(pyramid_slide, 512, 256, block_px=512, tile_cache_mb=8) as reader:
+        assert len(reader.plan(coords)) >= 4  # 2 bands x 2 segments
+        _, patches, report = reader.read(coords)
+    assert report.tiles_decoded == len(covered)
+    assert _max_diff(patches, _reference(pyramid_slide, coords, 0, 512, out_px=256)) == 0

@@ -14,7 +14,9 @@ keeps the handles of the slide it is reading (reopened when the next slide arriv
 every group straight into a shared-memory slab the consumer lent it with the task, so pixels
 reach the consumer without a pickled copy. Slabs go back to the pool once every row is in a
 batch and are lent again (next group, next slide): a fresh segment costs a page fault per 4 KiB
-in the worker and again in the consumer, ~0.1 ms per 256-px patch each.
+in the worker and again in the consumer, ~0.1 ms per 256-px patch each. The pool keeps at most
+``4 * num_workers + 2`` slabs (about a read's peak of groups in flight, up to 48 MiB each for
+256 patches of 256 px) in /dev/shm while it lives; they are unlinked when it closes.
 
 A pool serves one read at a time (``acquire_pool`` hands a second, concurrent read another pool).
 Results of an abandoned read (the consumer stopped early) are recognised by their job number and

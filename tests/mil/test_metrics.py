@@ -97,6 +97,22 @@ def test_binary_metrics_hand_example():
     assert m["f1"] == pytest.approx(f1_score(y, p >= 0.5))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_auc_equals_sklearn_and_the_pair_count_with_ties(tied):
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(2, 40))
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        p = rng.integers(0, 4, n) / 3 if tied else rng.random(n)
+        pos, neg = p[y == 1], p[y == 0]
+        pairs = Fraction(int(np.sum(pos[:, None] > neg[None, :])) * 2 + int(np.sum(pos[:, None] == neg[None, :])),
+                         2 * len(pos) * len(neg))
+        auc = binary_metrics(y, p, 0.5)["auc"]
+        assert auc == float(pairs) and auc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert binary_metrics([0, 1, 0, 1], [0.2, 0.2, 0.2, 0.2], 0.5)["auc"] == 0.5
+
+
 def test_binary_metrics_threshold_is_inclusive():
     assert binary_metrics([1, 0], [0.5, 0.4], 0.5)["sensitivity"] == 1.0
     assert binary_metrics([1, 0], [0.5, 0.4], math.inf)["sensitivity"] == 0.0

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,16 +271,33 @@ def submit(args) -> int:
     return 0
 
 
+#: Seconds between two looks at a local task's process (submitit's own wait looks once a second).
+LOCAL_POLL_S = 0.1
+
+
 def _wait_local(jobs, stage: str) -> int:
     """Wait for every local task of a stage; returns how many failed (each named with its log)."""
     failed = 0
     for job in jobs:
-        try:
-            job.result()
-        except Exception:  # a task that failed or was killed: reported, its work resumable
+        while not job.done():
+            time.sleep(LOCAL_POLL_S)
+        if not _local_task_succeeded(job):  # failed or killed: reported, its work resumable
             failed += 1
             log.warning("%s task %s failed; its log: %s", stage, job.job_id, job.paths.stderr)
     return failed
+
+
+def _local_task_succeeded(job) -> bool:
+    """Whether a finished local task returned. It writes its result file before its process
+    ends, on this machine's filesystem: with the process gone, no file means it died (killed,
+    out of memory), known at once rather than after submitit's 15-second wait for a late file."""
+    if not job.paths.result_pickle.exists():
+        return False
+    try:
+        job.result()
+    except Exception:  # the task raised; the error is in its log
+        return False
+    return True
 
 
 def add_submit_parser(sub) -> None:

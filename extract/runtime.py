@@ -18,8 +18,8 @@ import numpy as np
 
 from extract.errors import ConfigError
 
-__all__ = ["resolve_device", "autocast_dtype", "autocast", "atomic_write", "atomic_write_text", "is_number",
-           "check_int", "PRECISIONS"]
+__all__ = ["resolve_device", "autocast_dtype", "autocast", "atomic_write", "atomic_write_text", "fsync_file",
+           "fsync_dir", "is_number", "check_int", "PRECISIONS"]
 
 #: Accepted ``precision`` settings: ``auto`` (a half type on CUDA, fp32 on the CPU) or explicit.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -141,6 +141,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], mode: str 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """:func:`atomic_write` of a text."""
     return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Put a closed file's data on disk (it survives a power loss); OS errors propagate."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the names in ``folder`` (new, renamed, removed) durable; a no-op where folders cannot
+    be opened or fsynced (some network filesystems, whose servers commit names synchronously)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .records import SlideRecords, fsync_dir
+from extract.runtime import fsync_dir, fsync_file
+
+from .records import SlideRecords
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +70,6 @@ class Finished:
     record: Callable[[object], dict]  # the record to append for a (possibly updated) status
     error: BaseException | None = field(default=None, repr=False)
     queued: float = field(default_factory=time.monotonic)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class GroupCommitter:

@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+from extract.runtime import fsync_dir
+
 STATUS_FIELDS = ("slide_id", "state", "seconds", "patches", "patches_per_s", "message", "host", "pid", "finished")
 RECORD_DIR = ".records"
 LOG_SUFFIX = ".jsonl"
@@ -38,21 +40,6 @@ LOG_SUFFIX = ".jsonl"
 
 def _private_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make the names in ``folder`` (new, renamed, removed) durable; a no-op where folders cannot
-    be opened (some network filesystems), whose servers commit names synchronously."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class SlideRecords:

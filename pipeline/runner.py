@@ -35,7 +35,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from extract.errors import ConfigError, PipelineError
-from extract.runtime import atomic_write_text
+from extract.runtime import atomic_write_text, fsync_dir, fsync_file
 
 from .os_errors import describe_os_error, workspace_problem
 from .records import STATUS_FIELDS, SlideRecords, StatusFile
@@ -151,20 +151,10 @@ def commit(tmp: Path, final: Path, durable: bool = True) -> None:
     "done" means "opens and carries the fingerprint".
     """
     if durable:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
     os.replace(tmp, final)
-    if not durable:
-        return
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    if durable:
+        fsync_dir(final.parent)
 
 
 def read_fingerprint(path: Path) -> str | None:

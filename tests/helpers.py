@@ -93,6 +93,32 @@ def binary_cohort(root: Path, n_slides: int, seed: int = 0, prefix: str = "s"):
     return ws, features, write_cohort(root, ids, labels, seed, features), ids, labels
 
 
+def write_pipeline_config(path: Path, manifest: Path, workspace: str, name: str, folds: int = 3,
+                          heatmaps: int = 0, extra: str = "") -> Path:
+    """A ``wsi-pipeline run`` config at ``path`` for a ``make_cohort`` cohort: bwh_biopsy at 0.5 um/px
+    and 256 px, ResNet-18 with random weights, MHIM(AB-MIL) for 2 epochs per fold; ``name`` is
+    the config's and the experiment's name, ``extra`` YAML appended as is (a ``slurm:`` section)."""
+    path.write_text(f"""
+name: {name}
+manifest: {manifest}
+workspace: {workspace}
+segment: {{preset: bwh_biopsy, target_mpp: 0.5, patch_px: 256}}
+extract: {{backbone: resnet18, weights: random, batch_size: 16, num_workers: 0}}
+train:
+  recipe: mhim_abmil_c16
+  experiment: {name}
+  folds: {folds}
+  seeds: [7]
+  epochs: 2
+  lr: 1.0e-3
+  patience: null
+  min_epochs: 0
+  val_ratio: 0.25
+evaluate: {{heatmaps: {heatmaps}}}
+{extra}""")
+    return path
+
+
 def read_png(path: Path) -> np.ndarray:
     """A picture the product wrote, as RGB uint8 [H, W, 3]."""
     import cv2

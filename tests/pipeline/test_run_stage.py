@@ -12,37 +12,15 @@ import pytest
 
 from extract.synthetic import make_cohort
 from pipeline.cli import main
+from tests.helpers import write_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def write_config(tmp: Path, manifest: Path) -> Path:
-    cfg = tmp / "run.yaml"
-    cfg.write_text(f"""
-name: e2e
-manifest: {manifest}
-workspace: ws
-segment: {{preset: bwh_biopsy, target_mpp: 0.5, patch_px: 256}}
-extract: {{backbone: resnet18, weights: random, batch_size: 16, num_workers: 0}}
-train:
-  recipe: mhim_abmil_c16
-  experiment: e2e
-  folds: 3
-  seeds: [7]
-  epochs: 2
-  lr: 1.0e-3
-  patience: null
-  min_epochs: 0
-  val_ratio: 0.25
-evaluate: {{heatmaps: 2}}
-""")
-    return cfg
 
 
 @pytest.mark.slow
 def test_run_killed_mid_extract_then_rerun_completes(tmp_path):
     manifest = make_cohort(tmp_path / "cohort", n_slides=6, seed=5, size_px=(2048, 1536))
-    cfg = write_config(tmp_path, manifest)
+    cfg = write_pipeline_config(tmp_path / "run.yaml", manifest, "ws", "e2e", heatmaps=2)
     ws = tmp_path / "ws"
     bags_dir = ws / "features" / "resnet18-random" / "mpp0.50_256px_bwh_biopsy"
 

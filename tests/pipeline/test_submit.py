@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from tests.helpers import write_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,26 +29,7 @@ echo "Submitted batch job $n"
 
 
 def write_config(tmp: Path, manifest: Path, workspace: str, slurm: str = "", folds: int = 3) -> Path:
-    cfg = tmp / f"{workspace}.yaml"
-    cfg.write_text(f"""
-name: sub
-manifest: {manifest}
-workspace: {workspace}
-segment: {{preset: bwh_biopsy, target_mpp: 0.5, patch_px: 256}}
-extract: {{backbone: resnet18, weights: random, batch_size: 16, num_workers: 0}}
-train:
-  recipe: mhim_abmil_c16
-  experiment: sub
-  folds: {folds}
-  seeds: [7]
-  epochs: 2
-  lr: 1.0e-3
-  patience: null
-  min_epochs: 0
-  val_ratio: 0.25
-evaluate: {{heatmaps: 0}}
-{slurm}""")
-    return cfg
+    return write_pipeline_config(tmp / f"{workspace}.yaml", manifest, workspace, "sub", folds=folds, extra=slurm)
 
 
 def sbatch_flags(script: str) -> dict:

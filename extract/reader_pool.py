@@ -16,11 +16,13 @@ reach the consumer without a pickled copy. Slabs go back to the pool once every 
 batch and are lent again (next group, next slide): a fresh segment costs a page fault per 4 KiB
 in the worker and again in the consumer, ~0.1 ms per 256-px patch each. The pool keeps at most
 ``4 * num_workers + 2`` slabs (about a read's peak of groups in flight, up to 48 MiB each for
-256 patches of 256 px) in /dev/shm while it lives; they are unlinked when it closes.
+256 patches of 256 px) while it lives; on Linux they are anonymous (``extract/slabs.py``), so
+a killed process leaves nothing in /dev/shm. Workers whose consumer was killed exit within a
+second (daemon processes otherwise end only with a clean exit).
 
 A pool serves one read at a time (``acquire_pool`` hands a second, concurrent read another pool).
 Results of an abandoned read (the consumer stopped early) are recognised by their job number and
-dropped; its queued groups are skipped by the workers, and the slabs it had lent are unlinked,
+dropped; its queued groups are skipped by the workers, and the slabs it had lent are freed,
 never lent again (a worker may still be writing into one). A worker that dies (killed, crashed
 decoder) makes the read raise ``RuntimeError`` naming its exit code; the pool is then discarded
 and the next read starts a fresh one. An exception raised while reading a group is re-raised in
@@ -41,9 +43,7 @@ import traceback
 import numpy as np
 
 _POLL_S = 2.0  # how often a waiting consumer checks that the workers are alive
-_SLAB_ROUND = 1 << 20  # slab sizes rounded up to this, so slides with similar groups share them
-_WORKER_SLABS = 16  # slabs a worker keeps mapped
-_orphans: list = []  # unlinked slabs still viewed somewhere (closing them would raise)
+_WORKER_SLABS = 16  # slabs a worker keeps mapped (the consumer frees those it no longer lends)
 _free: dict[tuple[int, str], list["ReaderPool"]] = {}
 _lock = threading.Lock()
 _jobs = itertools.count(1)
@@ -61,13 +61,16 @@ class ReaderPool:
         self.tasks = ctx.Queue()
         self.results = ctx.Queue()
         self.active = ctx.Value("q", 0, lock=False)  # job being served; workers skip other jobs' tasks
-        self.procs = [ctx.Process(target=_worker_main, args=(self.tasks, self.results, self.active), daemon=True,
+        self.procs = [ctx.Process(target=_worker_main, args=(self.tasks, self.results, self.active, os.getpid()),
+                                  daemon=True,
                                   name=f"wsi-reader-{k}") for k in range(num_workers)]
         for proc in self.procs:
             proc.start()
         self.started = num_workers  # reported by the first read only
         self.broken = False
-        self.slabs = _Slabs(keep=max(2, 4 * num_workers + 2))
+        from .slabs import SlabPool
+
+        self.slabs = SlabPool(keep=max(2, 4 * num_workers + 2))
 
     def alive(self) -> bool:
         return not self.broken and self.pid == os.getpid() and all(p.is_alive() for p in self.procs)
@@ -81,15 +84,15 @@ class ReaderPool:
         limit = max(1, prefetch) * len(self.procs)
         S = reader.out_px
         rows = max((len(g) for g in groups), default=0)
-        lent: dict[str, object] = {}
+        lent: dict[tuple, object] = {}
         pending = sent = 0
         try:
             while sent < len(groups) or pending:
                 while sent < len(groups) and pending < limit:
                     group = groups[sent]
                     slab = self.slabs.take(rows * S * S * 3)
-                    lent[slab.name] = slab
-                    self.tasks.put((job, reader, coords[group], group, slab.name))
+                    lent[slab.key] = slab
+                    self.tasks.put((job, reader, coords[group], group, slab.key))
                     sent += 1
                     pending += 1
                 got_job, payload = self._next_result()
@@ -105,7 +108,7 @@ class ReaderPool:
         finally:
             self.active.value = 0
             for slab in lent.values():  # a worker may still write into these: never lend them again
-                _unlink(slab)
+                slab.free()
             if pending:  # abandoned: queued groups are skipped, late results dropped by job number
                 self.broken = self.broken or not self.alive()
 
@@ -150,49 +153,6 @@ class ReaderPool:
                 proc.terminate()
 
 
-class _Slabs:
-    """Shared-memory segments the consumer lends to workers, one per group in flight.
-
-    Owned by the consumer's process: created, lent, given back and unlinked only here, so a
-    killed worker leaks nothing (and the interpreter's resource tracker unlinks them if the
-    consumer itself is killed).
-    """
-
-    def __init__(self, keep: int):
-        self.keep = keep
-        self.free: list = []
-
-    def take(self, nbytes: int):
-        from multiprocessing import shared_memory
-
-        fits = [slab for slab in self.free if slab.size >= nbytes]
-        if fits:
-            slab = min(fits, key=lambda s: s.size)
-            self.free.remove(slab)
-            return slab
-        return shared_memory.SharedMemory(create=True, size=max(1, -(-nbytes // _SLAB_ROUND) * _SLAB_ROUND))
-
-    def give(self, slab) -> None:
-        self.free.append(slab)
-        while len(self.free) > self.keep:
-            _unlink(self.free.pop(0))
-
-    def close(self) -> None:
-        while self.free:
-            _unlink(self.free.pop())
-
-
-def _unlink(slab) -> None:
-    try:
-        slab.close()
-    except BufferError:  # a consumer still holds a view: the mapping goes with the last view
-        _orphans.append(slab)
-    try:
-        slab.unlink()
-    except FileNotFoundError:
-        pass
-
-
 def acquire_pool(num_workers: int, mp_context: str) -> ReaderPool:
     """A free, healthy pool of ``num_workers`` workers (started when none is free)."""
     key = (int(num_workers), mp_context)
@@ -224,28 +184,30 @@ def _close_all() -> None:
         pool.close()
 
 
-def _worker_main(tasks, results, active) -> None:
+def _worker_main(tasks, results, active, consumer: int) -> None:
     """Worker loop: read each task's group into the slab it names, answer ``(job, GroupResult)``
-    with ``patches`` set to the slab's name (kept rows first)."""
+    with ``patches`` set to the slab's key (kept rows first)."""
     from collections import OrderedDict
-    from multiprocessing import shared_memory
 
     from .patch_reader import _worker_init
+    from .slabs import attach
 
     _worker_init(0)
-    mapped: "OrderedDict[str, shared_memory.SharedMemory]" = OrderedDict()
+    mapped: OrderedDict = OrderedDict()
     current_job, reader = None, None
     while True:
         try:
             task = tasks.get(timeout=1.0)
         except queue.Empty:
+            if not _running(consumer):  # killed (daemon workers die with a clean exit only)
+                break
             if reader is not None and active.value != current_job:  # its read is over: let the file go
                 reader.close()
                 current_job, reader = None, None
             continue
         if task is None:
             break
-        job, task_reader, coords, group, slab_name = task
+        job, task_reader, coords, group, slab_key = task
         if job != active.value:
             continue  # its read was abandoned
         if job != current_job:
@@ -253,11 +215,9 @@ def _worker_main(tasks, results, active) -> None:
                 reader.close()
             current_job, reader = job, task_reader
         try:
-            slab = mapped.pop(slab_name, None)
-            if slab is None:
-                slab = shared_memory.SharedMemory(name=slab_name)
-            mapped[slab_name] = slab
-            while len(mapped) > _WORKER_SLABS:  # the consumer unlinks slabs it no longer lends
+            slab = mapped.pop(slab_key, None) or attach(slab_key)
+            mapped[slab_key] = slab
+            while len(mapped) > _WORKER_SLABS:
                 mapped.popitem(last=False)[1].close()
             S = reader.out_px
             out = np.ndarray((len(group), S, S, 3), np.uint8, buffer=slab.buf)
@@ -265,7 +225,7 @@ def _worker_main(tasks, results, active) -> None:
             if len(result.indices) < len(group):  # some patches dropped: kept rows first
                 out[:len(result.indices)] = result.patches
             del out
-            result.patches = slab_name
+            result.patches = slab_key
             # back to the slide's coordinate indices
             result.indices = group[result.indices]
             result.dropped = group[result.dropped]
@@ -273,6 +233,23 @@ def _worker_main(tasks, results, active) -> None:
             results.put((job, result))
         except Exception as exc:
             results.put((job, _portable(exc)))
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (a killed process its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: signal 0 tells whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 def _portable(exc: Exception) -> Exception:

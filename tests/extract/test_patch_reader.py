@@ -330,3 +330,49 @@ def test_tiles_shared_by_neighbouring_work_groups_are_decoded_once(pyramid_slide
         _, patches, report = reader.read(coords)
     assert report.tiles_decoded == len(covered)
     assert _max_diff(patches, _reference(pyramid_slide, coords, 0, 512, out_px=256)) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_killed_reading_process_leaves_no_shared_memory_and_no_reader_workers(tmp_path, pyramid_slide):
+    """A consumer killed with SIGKILL mid-slide (a preempted job): its reader workers exit and
+    nothing of the shared memory it lent them stays in /dev/shm."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from extract.reader_pool import _running
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "consumer.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, time
+        import numpy as np
+        from extract.patch_reader import iter_patch_batches
+        if __name__ == "__main__":
+            xs = np.arange(0, 2000, 64)
+            gx, gy = np.meshgrid(xs, xs)
+            coords = np.stack([gx.ravel(), gy.ravel()], 1)
+            batches = iter(iter_patch_batches({str(pyramid_slide)!r}, coords, 256, 128, batch_size=8,
+                                              num_workers=2, prefetch_groups=8))
+            next(batches)
+            print(" ".join(str(p.pid) for p in multiprocessing.active_children()
+                           if p.name.startswith("wsi-reader-")), flush=True)
+            time.sleep(120)
+    """))
+    shm = Path("/dev/shm")
+    before = set(os.listdir(shm)) if shm.is_dir() else set()
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=root, env=env)
+    workers = [int(pid) for pid in proc.stdout.readline().split()]
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(pid) for pid in workers)
+    if shm.is_dir():
+        assert set(os.listdir(shm)) - before == set()

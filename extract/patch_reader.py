@@ -22,19 +22,19 @@ a sub-pixel shift, never by a blur.
 
 Work is planned in *groups*: patches are binned into bands of about ``block_px`` level pixels
 along the coordinates' slow axis (aligned to the file's tile grid) and segments along the fast
-axis. Every stored tile a group's patches touch is decoded once, side by side into one array
-(``extract/tile_region.py``), and each patch is resized (or copied) from a view of it; the tiles
-on a group's far edges are carried to the neighbouring segment and the next band, so a tile is
-decoded once per process. Groups go to reader processes (``extract/reader_pool.py``: started
-once per process and reused by the next slide) that each open their own handles and decode into
+axis; a group is swept along the fast axis through a per-process cache of decoded tiles
+(a hot LRU sized to the sweep, plus the tiles on the group's far edges carried for the
+neighbouring segment and the next band), so every stored tile a process's groups touch is
+decoded once. Groups go to reader processes (``extract/reader_pool.py``: started once per
+process and reused by the next slide) that each open their own handles and decode into
 shared-memory slabs the consumer lends them (``extract/slabs.py``); the consumer re-assembles
 batches in coordinate order (``ordered=True``) or in arrival order with their indices
 (``ordered=False``: less memory).
 
 Memory is reused rather than allocated per tile, group or batch (a fresh array costs a page
-fault per 4 KiB written, ~48 per 256-px tile, 30-60 % of its decode time again): JPEG tiles
-are decoded into one buffer that stays in the CPU cache, the group region, group buffers and
-slabs are reused (across slides too), and a numpy batch the consumer no longer refers to
+fault per 4 KiB written, ~48 per 256-px tile: 30-60 % of its decode time again): decoded tiles
+go into evicted tiles' buffers (kept across slides, up to 64 MiB), group buffers and slabs are
+handed back once their rows are in batches, and a numpy batch the consumer no longer refers to
 (CPython's reference count says so) is filled again.
 
 Pixel sources, per pyramid level:
@@ -70,7 +70,6 @@ import numpy as np
 from .errors import ConfigError, SlideError
 from .runtime import check_int
 from .slide import Slide
-from .tile_region import RegionBuffer, TileCarry, fill_region
 
 __all__ = [
     "ReadGeometry",
@@ -237,6 +236,90 @@ class TileDecodeError(Exception):
 
 
 _MISS = object()
+# Decoded-tile buffers no cache holds, kept for the next decode in this process (all readers):
+# writing into memory already mapped avoids ~48 page faults per 256-px tile.
+_TILE_SPARES: list[np.ndarray] = []
+_TILE_SPARES_BYTES = 64 << 20
+
+
+class _TileLRU:
+    """Decoded tiles of one level: a small hot LRU for the sweep, a larger one for carried tiles.
+
+    A group's sweep needs only the few tile columns (or rows) its current patches span, so the
+    hot LRU holds about that many tiles (:meth:`fit`) and its evicted tiles' memory is reused as
+    the next decode target: a fresh array per tile costs a page fault per 4 KiB (~48 per 256-px
+    JPEG tile, 30-60 % of the decode time again) and a long LRU hands back memory long out of
+    the CPU caches. Tiles on a group's far edge (:meth:`fit`'s ``carry_from``), which the
+    neighbouring segment or next band will read again, leave the hot LRU for the carry LRU
+    (byte budget) instead, so they are decoded once.
+    """
+
+    def __init__(self, carry_bytes: int):
+        from collections import OrderedDict
+
+        self.hot: "OrderedDict[tuple[int, int], np.ndarray | None]" = OrderedDict()
+        self.carry: "OrderedDict[tuple[int, int], np.ndarray | None]" = OrderedDict()
+        self.hot_tiles = 16
+        self.carry_budget = int(carry_bytes)
+        self.carry_bytes = 0
+        self.carry_from = (0, 0)  # (col, row): evicted tiles at or past either are carried
+
+    @staticmethod
+    def _size(tile) -> int:
+        return 64 if tile is None else int(tile.nbytes)
+
+    def fit(self, hot_tiles: int, carry_from: tuple[int, int]) -> None:
+        """Size the hot LRU for the coming group and name its far edge (tile col, row)."""
+        self.hot_tiles = max(4, int(hot_tiles))
+        self.carry_from = carry_from
+
+    def get(self, key):
+        tile = self.hot.get(key, _MISS)
+        if tile is not _MISS:
+            self.hot.move_to_end(key)
+            return tile
+        tile = self.carry.pop(key, _MISS)
+        if tile is not _MISS:
+            self.carry_bytes -= self._size(tile)
+            self.put(key, tile)
+        return tile
+
+    def put(self, key, tile) -> None:
+        self.hot.pop(key, None)
+        self.hot[key] = tile
+        while len(self.hot) > self.hot_tiles:
+            old_key, old = self.hot.popitem(last=False)
+            if old_key[0] >= self.carry_from[0] or old_key[1] >= self.carry_from[1]:
+                self.carry[old_key] = old
+                self.carry_bytes += self._size(old)
+                while self.carry_bytes > self.carry_budget and self.carry:
+                    _, dropped = self.carry.popitem(last=False)
+                    self.carry_bytes -= self._size(dropped)
+                    self._recycle(dropped)
+            else:
+                self._recycle(old)
+
+    @staticmethod
+    def _recycle(tile) -> None:
+        if tile is not None and tile.flags.c_contiguous and tile.flags.writeable:
+            if len(_TILE_SPARES) * tile.nbytes < _TILE_SPARES_BYTES:
+                _TILE_SPARES.append(tile)
+
+    @staticmethod
+    def spare(shape: tuple[int, ...]) -> np.ndarray | None:
+        """A released tile buffer of ``shape`` to decode into, or None."""
+        for k in range(len(_TILE_SPARES) - 1, -1, -1):
+            if _TILE_SPARES[k].shape == shape:
+                return _TILE_SPARES.pop(k)
+        return None
+
+    def release(self) -> None:
+        """Hand every cached tile's memory to the next reader in this process (the next slide)."""
+        for store in (self.hot, self.carry):
+            for tile in store.values():
+                self._recycle(tile)
+            store.clear()
+        self.carry_bytes = 0
 
 
 class _TiffLevel:
@@ -245,8 +328,7 @@ class _TiffLevel:
     kind = "tiff"
 
     def __init__(self, fd: int, page, level_wh: tuple[int, int], cache_bytes: int):
-        self.carry = TileCarry(cache_bytes)
-        self.region = RegionBuffer()
+        self.cache = _TileLRU(cache_bytes)
         self.fd = fd
         self.page = page
         self.tile_w, self.tile_h = int(page.tilewidth), int(page.tilelength)
@@ -264,8 +346,7 @@ class _TiffLevel:
         self._hot = None
 
     def tile(self, col: int, row: int) -> np.ndarray | None:
-        """Decoded tile ``[>=h, >=w, 3]`` (JPEG: the same buffer every call, valid until the
-        next) or None for a tile the file leaves out (white)."""
+        """Decoded tile ``[>=h, >=w, 3]`` or None for a tile the file leaves out (white)."""
         index = row * self.ncols + col
         offset, count = int(self.offsets[index]), int(self.counts[index])
         if count == 0 or offset == 0:
@@ -282,14 +363,19 @@ class _TiffLevel:
 
                 # Aperio writes RGB JPEG without a JFIF marker: libjpeg would assume YCbCr.
                 rgb_stream = self.photometric == 2 and b"JFIF" not in data[:24]
-                # One output buffer for every tile: it stays in the CPU cache (as the output of
-                # a decode freed at once does), where a fresh array costs ~48 page faults.
+                # libjpeg writes into one buffer that stays in the CPU cache (as a decode whose
+                # output is freed at once does); the copy into the cached tile is cheaper than
+                # the decoder's own writes to memory out of cache (~15 % per tile measured).
                 if self._hot is None:
                     self._hot = np.empty((self.tile_h, self.tile_w, 3), np.uint8)
-                arr = imagecodecs.jpeg8_decode(
+                hot = imagecodecs.jpeg8_decode(
                     data, tables=self.jpegtables, colorspace="RGB" if rgb_stream else None,
                     outcolorspace="RGB", out=self._hot,
                 )
+                arr = self.cache.spare(hot.shape)
+                if arr is None:
+                    arr = np.empty_like(hot)
+                np.copyto(arr, hot)
             else:
                 arr = self.page.decode(data, index, jpegtables=self.jpegtables)[0]
                 arr = arr.reshape(arr.shape[-3:]) if arr.ndim == 4 else arr
@@ -309,8 +395,7 @@ class _OpenSlideLevel:
     kind = "openslide"
 
     def __init__(self, owner: "_Handles", level: int, downsample: float, level_wh, file_tile, cache_bytes: int):
-        self.carry = TileCarry(cache_bytes)
-        self.region = RegionBuffer()
+        self.cache = _TileLRU(cache_bytes)
         self.owner = owner
         self.level = level
         self.downsample = downsample
@@ -357,8 +442,7 @@ class _Handles:
         if self.pid != os.getpid():
             return  # inherited through fork: the parent owns these
         for source in self._levels.values():
-            source.carry.release()
-            source.region.release()
+            source.cache.release()
         self._levels.clear()
         self.slide.close()
         if self.tif is not None:
@@ -547,9 +631,8 @@ class PatchReader:
     block_px : int
         Work-group size in level pixels (see :func:`plan_groups`).
     tile_cache_mb : int
-        Tiles carried from one group to the next in a process (MiB, least recently used
-        dropped): a group's far edges, read again by the next segment and band. Each process
-        also keeps one group's tiles side by side (~70 MB at ``block_px=4096``, 256-px tiles).
+        Decoded-tile LRU cache per process (MiB); it must hold one group's tiles (~10-20 MB)
+        and lets consecutive groups in a process share their boundary tiles.
 
     Raises
     ------
@@ -639,7 +722,7 @@ class PatchReader:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), batches.report
 
     def read_group(self, coords: np.ndarray, indices: np.ndarray, out: np.ndarray | None = None) -> GroupResult:
-        """Read the patches ``coords[indices]`` (one work group).
+        """Read the patches ``coords[indices]`` (one work group, sorted along its sweep).
 
         ``out``: optional uint8 ``[len(indices), S, S, 3]`` buffer to fill (e.g. shared memory).
         """
@@ -657,24 +740,54 @@ class PatchReader:
             out = np.empty((n, S, S, 3), dtype=np.uint8)
         elif out.shape != (n, S, S, 3) or out.dtype != np.uint8:
             raise ValueError(f"out must be uint8 {(n, S, S, 3)}, got {out.dtype} {out.shape}")
+        scratch = np.empty((R, R, 3), dtype=np.uint8) if R != S else None
+        tw, th, lw, lh = source.tile_w, source.tile_h, source.level_w, source.level_h
+        lru = source.cache
+        if n:
+            # Hot set: the group's whole extent across the sweep times one patch (+1 tile)
+            # along it; the sweep axis is not known here, so the larger of the two.
+            span_x = (int(lxy[:, 0].max()) - int(lxy[:, 0].min()) + R) // tw + 2
+            span_y = (int(lxy[:, 1].max()) - int(lxy[:, 1].min()) + R) // th + 2
+            lru.fit(max(span_x * (R // th + 2), span_y * (R // tw + 2)),
+                    (int(lxy[:, 0].max()) // tw + 1, int(lxy[:, 1].max()) // th + 1))
+        failed: dict[tuple[int, int], TileDecodeError] = {}
         errors: list[str] = []
         ok = np.ones(n, dtype=bool)
         decoded_before = source.decoded
-        failed: dict = {}
-        if n:
-            region = fill_region(source, lxy, R, source.carry, source.region, (TileDecodeError,))
-            failed = region.failed
-            ok &= ~region.bad
-            edge = None  # a patch that leaves the level: white outside it, as read_region
-            for k in np.flatnonzero(ok):
-                x, y = int(lxy[k, 0]), int(lxy[k, 1])
-                view = region.view(x, y)
-                if view is None:
-                    edge = np.empty((R, R, 3), np.uint8) if edge is None else edge
-                    edge.fill(255)
-                    region.paste_inside(x, y, edge)
-                    view = edge
-                _resize_into(view, out[k], cv2)
+        for k in range(n):
+            x, y = int(lxy[k, 0]), int(lxy[k, 1])
+            c0, c1 = max(0, x // tw), min(source.ncols - 1, (x + R - 1) // tw)
+            r0, r1 = max(0, y // th), min(source.nrows - 1, (y + R - 1) // th)
+            canvas = out[k] if scratch is None else scratch
+            if x < 0 or y < 0 or x + R > lw or y + R > lh:
+                canvas.fill(255)
+            for r in range(r0, r1 + 1):
+                for c in range(c0, c1 + 1):
+                    key = (c, r)
+                    tile = failed.get(key, _MISS)
+                    if tile is _MISS:
+                        tile = lru.get(key)
+                    if tile is _MISS:
+                        try:
+                            tile = source.tile(c, r)
+                        except TileDecodeError as exc:
+                            tile = failed[key] = exc
+                        else:
+                            lru.put(key, tile)
+                    # Intersection of patch, tile and level, in level pixels.
+                    ax0, ax1 = max(x, c * tw, 0), min(x + R, (c + 1) * tw, lw)
+                    ay0, ay1 = max(y, r * th, 0), min(y + R, (r + 1) * th, lh)
+                    if ax1 <= ax0 or ay1 <= ay0:
+                        continue
+                    dst = canvas[ay0 - y:ay1 - y, ax0 - x:ax1 - x]
+                    if isinstance(tile, Exception):
+                        ok[k] = False
+                    elif tile is None:
+                        dst.fill(255)
+                    else:
+                        dst[...] = tile[ay0 - r * th:ay1 - r * th, ax0 - c * tw:ax1 - c * tw]
+            if ok[k] and scratch is not None:
+                _resize_into(scratch, out[k], cv2)
         tiles_decoded = source.decoded - decoded_before
         for exc in failed.values():
             if len(errors) < _MAX_ERRORS_KEPT:

@@ -376,3 +376,13 @@ def test_killed_reading_process_leaves_no_shared_memory_and_no_reader_workers(tm
     assert not any(_running(pid) for pid in workers)
     if shm.is_dir():
         assert set(os.listdir(shm)) - before == set()
+
+
+def test_patches_read_at_twice_their_size_across_the_level_edge_equal_read_region(pyramid_slide):
+    """2x reads (a 40x slide for 20x): odd and even coordinates, patches crossing the right and
+    bottom edges (white beyond, as read_region) equal OpenSlide + INTER_AREA."""
+    coords = np.array([[2560 - 301, 100], [100, 2560 - 300], [2560 - 257, 2560 - 256], [2301, 2302],
+                       [1, 0], [2048, 2047], [255, 257], [2560 - 100, 2560 - 99]])
+    _, patches, report = PatchReader(pyramid_slide, 512, 256).read(coords)
+    assert report.n_read == len(coords)
+    assert _max_diff(patches, _reference(pyramid_slide, coords, 0, 512, out_px=256)) == 0

@@ -86,13 +86,7 @@ def ink_masks(rgb: np.ndarray, colours=INK_COLOURS, blur_px: int = 7, weak: bool
     import cv2
 
     names = parse_colours(colours)
-    image = np.ascontiguousarray(np.asarray(rgb)[..., :3])
-    if image.ndim != 3 or image.dtype != np.uint8:
-        raise ConfigError(
-            f"The 'rgb' parameter of ink_masks must be a uint8 array [h, w, 3]. Got {image.dtype} {image.shape} instead."
-        )
-    if blur_px > 1:
-        image = cv2.medianBlur(image, int(blur_px) | 1)
+    image = _blurred(rgb, blur_px, "ink_masks")
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL)
     hue = hsv[..., 0].astype(np.float32) * (360.0 / 256.0)
     sat = hsv[..., 1]
@@ -114,6 +108,21 @@ def ink_masks(rgb: np.ndarray, colours=INK_COLOURS, blur_px: int = 7, weak: bool
             "red": lambda: reddish & (sat >= 110) & (r - g >= 70),
         }
     return {name: rules[name]() for name in names}
+
+
+def _blurred(rgb: np.ndarray, blur_px: int, func: str) -> np.ndarray:
+    """The image the colour rules run on: ``rgb`` checked as uint8 ``[h, w, 3]``, median-blurred
+    per channel with a ``blur_px`` kernel (1 = none)."""
+    import cv2
+
+    image = np.ascontiguousarray(np.asarray(rgb)[..., :3])
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise ConfigError(
+            f"The 'rgb' parameter of {func} must be a uint8 array [h, w, 3]. Got {image.dtype} {image.shape} instead."
+        )
+    if blur_px > 1:
+        image = cv2.medianBlur(image, int(blur_px) | 1)
+    return image
 
 
 def ink_regions(rgb: np.ndarray, colours=INK_COLOURS, blur_px: int = 7, dilate_px: int = 2,
@@ -139,8 +148,9 @@ def ink_regions(rgb: np.ndarray, colours=INK_COLOURS, blur_px: int = 7, dilate_p
     def disk(radius: int) -> np.ndarray:
         return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
-    strong = ink_masks(rgb, colours, blur_px)
-    weak = ink_masks(rgb, colours, blur_px, weak=True)
+    image = _blurred(rgb, blur_px, "ink_regions")  # blurred once for both rule sets (the costly step)
+    strong = ink_masks(image, colours, blur_px=1)
+    weak = ink_masks(image, colours, blur_px=1, weak=True)
     regions = {}
     for name, mark in strong.items():
         region = mark.copy()

@@ -560,10 +560,8 @@ def kaplan_meier(time: Any, event: Any) -> tuple[np.ndarray, np.ndarray]:
 
     Parameters
     ----------
-    time : array-like of float, shape [n]
-        Follow-up times, >= 0.
-    event : array-like of {0, 1} or bool, shape [n]
-        1 = event observed, 0 = censored.
+    time, event : array-like, shape [n]
+        Follow-up times (>= 0) and event flags (1 = observed), as in :func:`concordance_index`.
 
     Returns
     -------

@@ -36,10 +36,8 @@ def make_time_bins(time: Any, event: Any, n_bins: int = 4) -> np.ndarray:
 
     Parameters
     ----------
-    time : array-like of float, shape [n]
-        Follow-up times, >= 0.
-    event : array-like of {0, 1} or bool, shape [n]
-        1 = event observed, 0 = censored.
+    time, event : array-like, shape [n]
+        Follow-up times (>= 0) and event flags, as in :func:`mil.metrics.concordance_index`.
     n_bins : int
         Number of bins, >= 1 (MHIM-v2 uses 4).
 

@@ -462,7 +462,9 @@ def _build_timm(model_name: str, weights: str | Path, **kwargs) -> "nn.Module":
     interpolation = data.get("interpolation", "bilinear")
     config = BackboneConfig(
         name=name,
-        feature_dim=int(model.num_features),
+        # what forward returns: a pre-logits layer after the pooling (MobileNetV3's conv_head) is
+        # timm's head_hidden_size, wider than num_features (the pooled trunk)
+        feature_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
         input_size=int(height),
         mean=tuple(float(v) for v in data["mean"]),
         std=tuple(float(v) for v in data["std"]),

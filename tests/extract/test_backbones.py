@@ -152,12 +152,14 @@ def test_offline_timm_imagenet_raises_config_error(monkeypatch):
 
 
 # The pathology encoders are ViT-L/g: built on the meta device in test_encoders.py instead.
-@pytest.mark.parametrize("name", ["resnet50_trunc", "resnet50", "resnet18", TINY_TIMM])
+@pytest.mark.parametrize("name", ["resnet50_trunc", "resnet50", "resnet18", TINY_TIMM, "timm:mobilenetv3_small_050"])
 def test_feature_dims_match_config(name):
     torch.manual_seed(0)
     model = create_backbone(name, weights="random")
     cfg = model.backbone_config
-    expected = {"resnet50_trunc": 1024, "resnet50": 2048, "resnet18": 512}.get(name, getattr(model, "num_features", None))
+    # MobileNetV3: 288 pooled trunk channels, then a 1024-d conv_head before the (removed) classifier
+    expected = {"resnet50_trunc": 1024, "resnet50": 2048, "resnet18": 512, TINY_TIMM: 512,
+                "timm:mobilenetv3_small_050": 1024}[name]
     assert cfg.feature_dim == expected
     with torch.inference_mode():
         out = model(torch.randn(2, 3, 64, 64))

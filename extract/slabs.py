@@ -38,7 +38,7 @@ class Slab:
         self.size = int(size)
         self.id = next(_ids)
         if _memfd_ok():
-            self.fd = os.memfd_create("wsi-reader-slab", os.MFD_CLOEXEC)
+            self.fd = os.memfd_create(f"wsi-reader-slab-{os.getpid()}-{self.id}", os.MFD_CLOEXEC)
             os.ftruncate(self.fd, self.size)
             self.buf = mmap.mmap(self.fd, self.size)
             self.key = ("memfd", os.getpid(), self.fd, self.id, self.size)
@@ -109,12 +109,22 @@ class _Mapped:
 def attach(key: tuple) -> _Mapped:
     """Map the slab ``key`` names in this (worker) process; ``.buf`` is its memory."""
     if key[0] == "memfd":
-        _, pid, fd, _, size = key
-        wfd = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+        _, pid, fd, slab_id, size = key
+        rfd = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
         try:
-            return _Mapped(mmap.mmap(wfd, size))
+            # The consumer may have freed the slab and reused the descriptor number for another
+            # file (a slide!) since this task was queued: open for writing only the memfd the
+            # key names.
+            opened = os.readlink(f"/proc/self/fd/{rfd}")
+            if opened.removesuffix(" (deleted)") != f"/memfd:wsi-reader-slab-{pid}-{slab_id}":
+                raise RuntimeError(f"shared-memory slab {slab_id} of process {pid} is gone (found {opened!r})")
+            wfd = os.open(f"/proc/self/fd/{rfd}", os.O_RDWR)
+            try:
+                return _Mapped(mmap.mmap(wfd, size))
+            finally:
+                os.close(wfd)
         finally:
-            os.close(wfd)
+            os.close(rfd)
     from multiprocessing import shared_memory
 
     named = shared_memory.SharedMemory(name=key[1])

@@ -236,10 +236,33 @@ class TileDecodeError(Exception):
 
 
 _MISS = object()
-# Decoded-tile buffers no cache holds, kept for the next decode in this process (all readers):
-# writing into memory already mapped avoids ~48 page faults per 256-px tile.
-_TILE_SPARES: list[np.ndarray] = []
-_TILE_SPARES_BYTES = 64 << 20
+
+
+class _Spares:
+    """Arrays no one holds, kept for the next use in this process (all readers, next slide):
+    writing into memory already mapped saves a page fault per 4 KiB (~48 per 256-px tile,
+    ~12,000 per 256-patch group buffer). The oldest are dropped past ``max_bytes``."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.items: list[np.ndarray] = []
+
+    def take(self, fits) -> np.ndarray | None:
+        """The most recently given array for which ``fits(array)`` holds (removed), or None."""
+        for k in range(len(self.items) - 1, -1, -1):
+            if fits(self.items[k]):
+                return self.items.pop(k)
+        return None
+
+    def give(self, array: np.ndarray) -> None:
+        if array.flags.c_contiguous and array.flags.writeable:
+            self.items.append(array)
+            while sum(a.nbytes for a in self.items) > self.max_bytes:
+                self.items.pop(0)
+
+
+_TILE_SPARES = _Spares(64 << 20)  # decoded tiles the caches let go
+_GROUP_SPARES = _Spares(96 << 20)  # in-process group buffers: two of 256 patches of 256 px
 
 
 class _TileLRU:
@@ -301,17 +324,13 @@ class _TileLRU:
 
     @staticmethod
     def _recycle(tile) -> None:
-        if tile is not None and tile.flags.c_contiguous and tile.flags.writeable:
-            if len(_TILE_SPARES) * tile.nbytes < _TILE_SPARES_BYTES:
-                _TILE_SPARES.append(tile)
+        if tile is not None:
+            _TILE_SPARES.give(tile)
 
     @staticmethod
     def spare(shape: tuple[int, ...]) -> np.ndarray | None:
         """A released tile buffer of ``shape`` to decode into, or None."""
-        for k in range(len(_TILE_SPARES) - 1, -1, -1):
-            if _TILE_SPARES[k].shape == shape:
-                return _TILE_SPARES.pop(k)
-        return None
+        return _TILE_SPARES.take(lambda a: a.shape == shape)
 
     def release(self) -> None:
         """Hand every cached tile's memory to the next reader in this process (the next slide)."""
@@ -877,29 +896,6 @@ def _worker_init(_worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-class _GroupBuffers:
-    """Group buffers of in-process reads, reused across groups and slides.
-
-    A fresh ``[256, 256, 256, 3]`` buffer (48 MiB) costs ~12,000 page faults, paid again by
-    every slide; buffers whose rows are all in batches come back here (at most two kept).
-    """
-
-    spares: list[np.ndarray] = []
-    keep = 2
-
-    @classmethod
-    def take(cls, rows: int, S: int) -> np.ndarray:
-        for k, buf in enumerate(cls.spares):
-            if buf.shape[0] >= rows and buf.shape[1] == S:
-                return cls.spares.pop(k)
-        return np.empty((max(rows, _MAX_GROUP_PATCHES), S, S, 3), dtype=np.uint8)
-
-    @classmethod
-    def give(cls, buf: np.ndarray) -> None:
-        cls.spares.append(buf)
-        del cls.spares[:-cls.keep]
-
-
 class PatchBatches:
     """Iterator of ``(indices int64 [b], patches uint8 [b, S, S, 3])`` with a ``report``.
 
@@ -929,12 +925,14 @@ class PatchBatches:
         if self.num_workers == 0 or not self.groups:
             S = self.reader.out_px
             for group in self.groups:
-                buf = _GroupBuffers.take(len(group), S)
+                buf = _GROUP_SPARES.take(lambda a: a.shape[0] >= len(group) and a.shape[1] == S)
+                if buf is None:
+                    buf = np.empty((max(len(group), _MAX_GROUP_PATCHES), S, S, 3), dtype=np.uint8)
                 result = self.reader.read_group(self.coords, group, out=buf[:len(group)])
                 if np.may_share_memory(result.patches, buf):
-                    result.release = functools.partial(_GroupBuffers.give, buf)
+                    result.release = functools.partial(_GROUP_SPARES.give, buf)
                 else:  # some patches dropped: ``patches`` is a copy of the kept rows
-                    _GroupBuffers.give(buf)
+                    _GROUP_SPARES.give(buf)
                 yield result
             return
         from .reader_pool import acquire_pool, release_pool
